@@ -1,0 +1,196 @@
+//! Storage: the types every storage backend speaks, and the backends themselves.
+//!
+//! The data API talks to storage only through [`StorageHandle`], so the same handlers serve
+//! the embedded engine (stage 1) and, later, a remote storage server (stage 2). The types
+//! here are the vocabulary of both: a key, a stored record, a batch of writes with
+//! preconditions, and what a committed batch reports back.
+
+pub mod engine;
+
+use bytes::Bytes;
+
+pub use engine::{Engine, EngineConfig, EngineError, EngineStatus};
+
+/// Longest collection name, in bytes. Keeps keys short and listing cheap.
+pub const MAX_COLLECTION_LEN: usize = 64;
+/// Longest record id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// A record's address: `collection/id`. Both parts are validated on construction, so a
+/// `Key` in hand is always safe to store and to print in a URL.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    collection: String,
+    id: String,
+}
+
+/// Why a collection name or id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Empty or longer than the limit.
+    #[error("{what} must be 1 to {max} bytes long")]
+    Length {
+        /// "collection" or "id".
+        what: &'static str,
+        /// The limit that applies.
+        max: usize,
+    },
+    /// A character outside `[A-Za-z0-9._~-]`, or a leading dot.
+    #[error("{what} may contain only letters, digits, '-', '_', '.', '~' and may not start with '.'")]
+    Charset {
+        /// "collection" or "id".
+        what: &'static str,
+    },
+}
+
+fn check_part(what: &'static str, s: &str, max: usize) -> Result<(), KeyError> {
+    if s.is_empty() || s.len() > max {
+        return Err(KeyError::Length { what, max });
+    }
+    let ok_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
+    if s.starts_with('.') || !s.bytes().all(ok_char) {
+        return Err(KeyError::Charset { what });
+    }
+    Ok(())
+}
+
+impl Key {
+    /// Builds a key after checking both parts against the charset and length rules.
+    pub fn new(collection: &str, id: &str) -> Result<Self, KeyError> {
+        Self::check_collection(collection)?;
+        check_part("id", id, MAX_ID_LEN)?;
+        Ok(Key {
+            collection: collection.to_owned(),
+            id: id.to_owned(),
+        })
+    }
+
+    /// Checks a collection name on its own (listing takes no id).
+    pub fn check_collection(collection: &str) -> Result<(), KeyError> {
+        check_part("collection", collection, MAX_COLLECTION_LEN)
+    }
+
+    /// Parses the stored `collection/id` form.
+    pub fn parse(s: &str) -> Result<Self, KeyError> {
+        match s.split_once('/') {
+            Some((c, i)) => Key::new(c, i),
+            None => Err(KeyError::Length {
+                what: "id",
+                max: MAX_ID_LEN,
+            }),
+        }
+    }
+
+    /// The collection part.
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    /// The id part.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.collection, self.id)
+    }
+}
+
+/// A stored record as readers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The JSON body exactly as it was written.
+    pub body: Bytes,
+    /// The LSN of the write that produced this body. It doubles as the record's version:
+    /// unique per key for all time and monotonic, so it is the ETag (`"<lsn>"`) and the
+    /// value `If-Match` compares against.
+    pub lsn: u64,
+    /// When the record was first created (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// When the record was last written (ms since the Unix epoch).
+    pub updated_ms: u64,
+}
+
+impl Record {
+    /// The strong ETag for this version, quoted as HTTP wants it.
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.lsn)
+    }
+}
+
+/// What must hold about a key's current state for a write to apply. The HTTP conditional
+/// headers map onto this (`If-Match` → `Version`, `If-None-Match: *` → `Absent`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precondition {
+    /// No condition.
+    #[default]
+    None,
+    /// The record must exist (DELETE, PATCH without If-Match).
+    Exists,
+    /// The record must not exist (create-only).
+    Absent,
+    /// The record must exist at exactly this version (LSN).
+    Version(u64),
+}
+
+/// One change within a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Create or replace the record with this JSON body.
+    Put(Bytes),
+    /// Remove the record.
+    Delete,
+}
+
+/// A single write: key, change, and the condition it is applied under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// Which record.
+    pub key: Key,
+    /// What to do to it.
+    pub op: WriteOp,
+    /// What must hold first.
+    pub precondition: Precondition,
+}
+
+/// What happened to one write of a committed batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteResult {
+    /// The record as stored after the write, `None` after a delete.
+    pub record: Option<Record>,
+    /// True when the key did not exist before (a PUT that created).
+    pub created: bool,
+}
+
+/// A batch that is durable (acknowledged only after flush + fsync).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The LSN of the log entry that holds the whole batch.
+    pub lsn: u64,
+    /// The epoch the batch was written in.
+    pub epoch: u64,
+    /// One result per write, in the batch's order.
+    pub results: Vec<WriteResult>,
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListPage {
+    /// `(id, record)` in id order.
+    pub items: Vec<(String, Record)>,
+    /// Pass as `after` to get the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
+/// Which records a listing returns.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ListQuery {
+    /// Only ids starting with this.
+    pub prefix: String,
+    /// Only ids strictly greater than this (the cursor).
+    pub after: Option<String>,
+    /// At most this many items.
+    pub limit: usize,
+}
