@@ -4,14 +4,18 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | the TOML model, loading with file:line:col errors, validation, live reload |
-//! | [`node`] | starting the roles a config names; signals and shutdown |
-//! | [`http`] | body type, problem+json, listeners (limits, timeouts, drain), admin endpoints |
-//! | [`app`] | the app role: data API routes, static files |
-//! | [`storage`] | the key/record vocabulary and the embedded sled engine |
-//! | [`metrics`] | Prometheus exposition of every role's counters |
-//! | [`cli`] | the `strata` command line |
+//! | [`cli`] | the `strata` command line (`serve`, `check`) |
+//! | [`config`] | the TOML model, loading with file:line:col errors, secrets, live copy |
+//! | [`node`] | starting the roles a config names; reload on SIGHUP; ordered shutdown |
+//! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
+//! | [`app`] | the app role: routing, data API handlers, static files |
+//! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine |
+//! | [`metrics`] | the Prometheus registry every role reports into |
 
 pub mod app;
+pub mod cli;
+pub mod config;
 pub mod http;
+pub mod metrics;
+pub mod node;
 pub mod storage;

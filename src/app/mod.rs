@@ -1,3 +1,221 @@
-//! The app role: the data API, static files, and (later) the cache-aside in front of storage.
+//! The app role: the data API under `/api/v1`, static files for every other path.
+//!
+//! [`App::handle`] is the whole request path: route (pure), authenticate, dispatch to a
+//! handler in [`api`] or to [`static_files`], count the request, optionally log it.
 
+pub mod api;
+pub mod router;
 pub mod static_files;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::config::{AppConfig, Config, ConfigError, Scope};
+use crate::http::admin::{method_not_allowed, Component};
+use crate::http::auth::Tokens;
+use crate::http::body::Body;
+use crate::http::problem::Problem;
+use crate::metrics::Metrics;
+use crate::storage::Store;
+use router::Endpoint;
+use static_files::{CacheRules, StaticFiles};
+
+/// The app settings that apply live, derived from the config once per (re)load.
+pub struct AppSettings {
+    /// Largest request body.
+    pub max_body: usize,
+    /// Listing page size by default.
+    pub list_default_limit: usize,
+    /// Largest listing page.
+    pub list_max_limit: usize,
+    /// Most writes in one batch.
+    pub max_batch_writes: usize,
+    /// Compiled static `Cache-Control` rules.
+    pub cache_rules: CacheRules,
+    /// Whether to log each request.
+    pub access_log: bool,
+}
+
+impl AppSettings {
+    /// Derives the live settings; fails (and nothing changes) if a rule does not compile.
+    pub fn from_config(config: &Config, app: &AppConfig) -> Result<Self, ConfigError> {
+        let cache_rules = CacheRules::new(&app.static_cache).map_err(|e| {
+            ConfigError::invalid(Path::new("config"), "app.static_cache", e.to_string())
+        })?;
+        Ok(AppSettings {
+            max_body: app.max_body.as_usize(),
+            list_default_limit: app.list_default_limit,
+            list_max_limit: app.list_max_limit,
+            max_batch_writes: app.max_batch_writes,
+            cache_rules,
+            access_log: config.node.access_log,
+        })
+    }
+}
+
+/// The running app role.
+pub struct App {
+    store: Store,
+    static_files: Option<StaticFiles>,
+    static_root: Option<PathBuf>,
+    settings: ArcSwap<AppSettings>,
+    tokens: Arc<ArcSwap<Tokens>>,
+    metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// Builds the app over a store. `static_root` is served when set.
+    pub fn new(
+        store: Store,
+        static_files: Option<(PathBuf, StaticFiles)>,
+        settings: AppSettings,
+        tokens: Arc<ArcSwap<Tokens>>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (static_root, static_files) = match static_files {
+            Some((root, files)) => (Some(root), Some(files)),
+            None => (None, None),
+        };
+        Arc::new(App {
+            store,
+            static_files,
+            static_root,
+            settings: ArcSwap::from_pointee(settings),
+            tokens,
+            metrics,
+        })
+    }
+
+    /// Installs settings from a reload.
+    pub fn apply(&self, settings: AppSettings) {
+        self.settings.store(Arc::new(settings));
+    }
+
+    /// Where static files come from, if anywhere.
+    pub fn static_root(&self) -> Option<&Path> {
+        self.static_root.as_deref()
+    }
+
+    /// Answers one request (never fails: errors become problem+json responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let settings = self.settings.load_full();
+        let method = req.method().clone();
+        let log_path = settings.access_log.then(|| req.uri().path().to_owned());
+        let (route, resp) = self.dispatch(req, &settings).await;
+        let resp = resp.unwrap_or_else(|p| p.into_response());
+        let status = resp.status().as_u16();
+        let elapsed = started.elapsed();
+        self.metrics.observe_request("app", route, status, elapsed);
+        if let Some(path) = log_path {
+            tracing::info!(target: "access", %peer, %method, path, status, micros = elapsed.as_micros() as u64);
+        }
+        Ok(resp)
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        settings: &AppSettings,
+    ) -> (&'static str, api::ApiResult) {
+        let (parts, body) = req.into_parts();
+        let endpoint = router::route(parts.uri.path());
+        let route = endpoint.name();
+        let method = &parts.method;
+        if !endpoint.allowed().contains(method) {
+            if endpoint == Endpoint::ApiNotFound {
+                return (
+                    route,
+                    Err(Box::new(Problem::new(
+                        StatusCode::NOT_FOUND,
+                        format!("no API endpoint at {}", parts.uri.path()),
+                    ))),
+                );
+            }
+            return (route, Ok(method_not_allowed(endpoint.allowed())));
+        }
+        if endpoint != Endpoint::Static {
+            let scope = if matches!(*method, Method::GET | Method::HEAD) {
+                Scope::Read
+            } else {
+                Scope::Write
+            };
+            if let Err(p) = self.tokens.load().check(&parts.headers, scope) {
+                return (route, Err(p));
+            }
+        }
+        let store = &self.store;
+        let headers = &parts.headers;
+        let result = match endpoint {
+            Endpoint::Record { collection, id } => match *method {
+                Method::GET | Method::HEAD => {
+                    api::get_record(store, method, headers, collection, id).await
+                }
+                Method::PUT => {
+                    api::put_record(store, settings, headers, body, collection, id).await
+                }
+                Method::PATCH => {
+                    api::patch_record(store, settings, headers, body, collection, id).await
+                }
+                _ => api::delete_record(store, headers, collection, id).await,
+            },
+            Endpoint::Collection { collection } => match *method {
+                Method::POST => {
+                    api::create_record(store, settings, headers, body, collection).await
+                }
+                _ => api::list(store, settings, method, parts.uri.query(), collection).await,
+            },
+            Endpoint::Batch => api::batch(store, settings, headers, body).await,
+            Endpoint::ApiNotFound | Endpoint::Static => self.serve_static(&parts, settings).await,
+        };
+        (route, result)
+    }
+
+    async fn serve_static(
+        &self,
+        parts: &http::request::Parts,
+        settings: &AppSettings,
+    ) -> api::ApiResult {
+        let path = parts.uri.path();
+        if let Some(files) = &self.static_files {
+            if let Some(resp) = files
+                .serve(&parts.method, path, &parts.headers, &settings.cache_rules)
+                .await
+            {
+                return Ok(resp);
+            }
+        }
+        Err(Box::new(Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("nothing at {path}"),
+        )))
+    }
+}
+
+impl Component for App {
+    fn name(&self) -> &'static str {
+        "app"
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.store.ready()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "static_dir": self.static_root.as_ref().map(|p| p.display().to_string()),
+            "storage": self.store.status(),
+        })
+    }
+}

@@ -1,4 +1,8 @@
-//! Shared HTTP plumbing: the response body type, problem+json errors, listeners with
-//! limits and graceful drain, and the admin endpoints every node serves.
+//! Shared HTTP plumbing: the response body type, problem+json errors, bearer-token auth,
+//! listeners with limits and graceful drain, and the admin endpoints every node serves.
 
+pub mod admin;
+pub mod auth;
 pub mod body;
+pub mod problem;
+pub mod server;

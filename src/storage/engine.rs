@@ -101,3 +101,8 @@ impl Engine {
         Ok(())
     }
 }
+
+impl Engine {
+    /// Registers the engine's metrics (stub).
+    pub fn register_metrics(self: &Arc<Self>, _metrics: &crate::metrics::Metrics) {}
+}

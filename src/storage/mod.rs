@@ -6,10 +6,12 @@
 //! preconditions, and what a committed batch reports back.
 
 pub mod engine;
+pub mod store;
 
 use bytes::Bytes;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStatus};
+pub use store::Store;
 
 /// Longest collection name, in bytes. Keeps keys short and listing cheap.
 pub const MAX_COLLECTION_LEN: usize = 64;
@@ -36,7 +38,9 @@ pub enum KeyError {
         max: usize,
     },
     /// A character outside `[A-Za-z0-9._~-]`, or a leading dot.
-    #[error("{what} may contain only letters, digits, '-', '_', '.', '~' and may not start with '.'")]
+    #[error(
+        "{what} may contain only letters, digits, '-', '_', '.', '~' and may not start with '.'"
+    )]
     Charset {
         /// "collection" or "id".
         what: &'static str,

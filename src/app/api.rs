@@ -1,0 +1,605 @@
+//! The data API handlers: records, listings, merge patch, atomic batches, and the HTTP
+//! conditional-request rules that map onto storage preconditions.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::AppSettings;
+use crate::http::body::{self, Body};
+use crate::http::problem::Problem;
+use crate::storage::{
+    Committed, EngineError, Key, KeyError, ListQuery, Precondition, Record, Store, Write, WriteOp,
+};
+
+/// Header carrying a write's LSN: the consistency token read replicas will honour.
+pub const LSN_HEADER: &str = "strata-lsn";
+
+/// The outcome of a handler: a response, or a problem to send instead.
+pub type ApiResult = Result<Response<Body>, Box<Problem>>;
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Box<Problem> {
+    Box::new(Problem::new(status, detail))
+}
+
+fn bad_key(e: KeyError) -> Box<Problem> {
+    problem(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+/// Maps a storage failure to the status a client can act on.
+fn storage_problem(e: EngineError) -> Box<Problem> {
+    match e {
+        EngineError::PreconditionFailed { key, current, .. } => problem(
+            StatusCode::PRECONDITION_FAILED,
+            match current {
+                Some(v) => format!(
+                    "{key} is at version \"{v}\", which does not satisfy the request's condition"
+                ),
+                None => {
+                    format!("{key} does not exist, which does not satisfy the request's condition")
+                }
+            },
+        ),
+        EngineError::InvalidBatch(m) => problem(StatusCode::BAD_REQUEST, m),
+        EngineError::Closed => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage is shutting down; retry shortly",
+        ),
+        other => {
+            tracing::error!(error = %other, "storage failure");
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage failed; the error is in the server log",
+            )
+        }
+    }
+}
+
+/// Reads a JSON request body: content type checked, size limited, syntax validated.
+async fn read_json(
+    headers: &HeaderMap,
+    body: Incoming,
+    settings: &AppSettings,
+    merge_patch: bool,
+) -> Result<Bytes, Box<Problem>> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let json_like = mime == "application/json"
+        || (mime.starts_with("application/") && mime.ends_with("+json"))
+        || (merge_patch && mime == "application/merge-patch+json");
+    if !json_like {
+        return Err(problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "expected Content-Type application/json, got {:?}",
+                if ct.is_empty() { "none" } else { ct }
+            ),
+        ));
+    }
+    let max = settings.max_body;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large(max));
+    }
+    let bytes = match Limited::new(body, max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large(max)),
+        Err(e) => {
+            return Err(problem(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {e}"),
+            ))
+        }
+    };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn too_large(max: usize) -> Box<Problem> {
+    problem(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body exceeds the limit of {max} bytes"),
+    )
+}
+
+/// Parses one entity tag `"123"` into a version.
+fn parse_etag(tag: &str) -> Option<u64> {
+    tag.trim()
+        .strip_prefix('"')?
+        .strip_suffix('"')?
+        .parse()
+        .ok()
+}
+
+/// The write precondition that `If-Match` / `If-None-Match: *` ask for, if any.
+fn write_precondition(headers: &HeaderMap) -> Result<Option<Precondition>, Box<Problem>> {
+    if let Some(v) = headers.get(header::IF_MATCH) {
+        let v = v.to_str().unwrap_or("").trim();
+        if v == "*" {
+            return Ok(Some(Precondition::Exists));
+        }
+        // Weak tags never match If-Match (strong comparison); an unparsable tag matches nothing.
+        return Ok(Some(Precondition::Version(parse_etag(v).unwrap_or(0))));
+    }
+    if let Some(v) = headers.get(header::IF_NONE_MATCH) {
+        if v.to_str().unwrap_or("").trim() == "*" {
+            return Ok(Some(Precondition::Absent));
+        }
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "on writes, If-None-Match supports only \"*\" (create only)",
+        ));
+    }
+    Ok(None)
+}
+
+/// Whether `If-None-Match` (or, without it, `If-Modified-Since`) says the client's copy is
+/// current, so a GET can answer 304.
+fn not_modified(headers: &HeaderMap, record: &Record) -> bool {
+    if let Some(v) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        return v.split(',').any(|t| {
+            let t = t.trim();
+            t == "*" || parse_etag(t.trim_start_matches("W/")) == Some(record.lsn)
+        });
+    }
+    if let Some(since) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        return UNIX_EPOCH + Duration::from_millis(record.updated_ms)
+            < since + Duration::from_secs(1);
+    }
+    false
+}
+
+fn record_headers(resp: &mut Response<Body>, record: &Record) {
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&record.etag()) {
+        h.insert(header::ETAG, v);
+    }
+    let modified = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_millis(record.updated_ms));
+    if let Ok(v) = HeaderValue::from_str(&modified) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+}
+
+fn lsn_header(resp: &mut Response<Body>, lsn: u64) {
+    resp.headers_mut()
+        .insert(LSN_HEADER, HeaderValue::from(lsn));
+}
+
+/// GET/HEAD of one record.
+pub async fn get_record(
+    store: &Store,
+    method: &Method,
+    headers: &HeaderMap,
+    collection: &str,
+    id: &str,
+) -> ApiResult {
+    let key = Key::new(collection, id).map_err(bad_key)?;
+    let record = store
+        .get(&key)
+        .await
+        .map_err(storage_problem)?
+        .ok_or_else(|| problem(StatusCode::NOT_FOUND, format!("no record {key}")))?;
+    if not_modified(headers, &record) {
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        record_headers(&mut resp, &record);
+        resp.headers_mut().remove(header::CONTENT_TYPE);
+        return Ok(resp);
+    }
+    let len = record.body.len();
+    let mut resp = Response::new(if method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(record.body.clone())
+    });
+    record_headers(&mut resp, &record);
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(resp)
+}
+
+/// The response to a write of one record.
+fn written(committed: &Committed, key: &Key, status_if_created: StatusCode) -> Response<Body> {
+    let result = committed.results.first();
+    let created = result.is_some_and(|r| r.created);
+    let mut resp = match result.and_then(|r| r.record.as_ref()) {
+        Some(record) => {
+            let mut resp = Response::new(body::full(record.body.clone()));
+            record_headers(&mut resp, record);
+            resp
+        }
+        None => Response::new(body::empty()),
+    };
+    *resp.status_mut() = match result.and_then(|r| r.record.as_ref()) {
+        None => StatusCode::NO_CONTENT,
+        Some(_) if created => status_if_created,
+        Some(_) => StatusCode::OK,
+    };
+    if created {
+        if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/{key}")) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    lsn_header(&mut resp, committed.lsn);
+    resp
+}
+
+/// PUT: create or replace.
+pub async fn put_record(
+    store: &Store,
+    settings: &AppSettings,
+    headers: &HeaderMap,
+    body: Incoming,
+    collection: &str,
+    id: &str,
+) -> ApiResult {
+    let key = Key::new(collection, id).map_err(bad_key)?;
+    let precondition = write_precondition(headers)?.unwrap_or_default();
+    let bytes = read_json(headers, body, settings, false).await?;
+    let committed = store
+        .write(vec![Write {
+            key: key.clone(),
+            op: WriteOp::Put(bytes),
+            precondition,
+        }])
+        .await
+        .map_err(storage_problem)?;
+    Ok(written(&committed, &key, StatusCode::CREATED))
+}
+
+/// POST to a collection: create with a server-made, time-ordered id (a ULID).
+pub async fn create_record(
+    store: &Store,
+    settings: &AppSettings,
+    headers: &HeaderMap,
+    body: Incoming,
+    collection: &str,
+) -> ApiResult {
+    let id = ulid::Ulid::new().to_string();
+    let key = Key::new(collection, &id).map_err(bad_key)?;
+    let bytes = read_json(headers, body, settings, false).await?;
+    let committed = store
+        .write(vec![Write {
+            key: key.clone(),
+            op: WriteOp::Put(bytes),
+            precondition: Precondition::Absent,
+        }])
+        .await
+        .map_err(storage_problem)?;
+    Ok(written(&committed, &key, StatusCode::CREATED))
+}
+
+/// How many times PATCH re-reads and retries when a concurrent write beat it.
+const PATCH_ATTEMPTS: usize = 8;
+
+/// PATCH: JSON Merge Patch (RFC 7396), applied under optimistic concurrency so concurrent
+/// patches never lose each other's changes.
+pub async fn patch_record(
+    store: &Store,
+    settings: &AppSettings,
+    headers: &HeaderMap,
+    body: Incoming,
+    collection: &str,
+    id: &str,
+) -> ApiResult {
+    let key = Key::new(collection, id).map_err(bad_key)?;
+    let wanted = write_precondition(headers)?;
+    if wanted == Some(Precondition::Absent) {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "PATCH cannot create; use PUT with If-None-Match: *",
+        ));
+    }
+    let patch_bytes = read_json(headers, body, settings, true).await?;
+    let patch: serde_json::Value = serde_json::from_slice(&patch_bytes)
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
+    for _ in 0..PATCH_ATTEMPTS {
+        let current = store
+            .get(&key)
+            .await
+            .map_err(storage_problem)?
+            .ok_or_else(|| {
+                let status = if wanted.is_some() {
+                    StatusCode::PRECONDITION_FAILED
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                problem(status, format!("no record {key}"))
+            })?;
+        if let Some(Precondition::Version(v)) = wanted {
+            if v != current.lsn {
+                return Err(storage_problem(EngineError::PreconditionFailed {
+                    index: 0,
+                    key,
+                    current: Some(current.lsn),
+                }));
+            }
+        }
+        let mut doc: serde_json::Value = serde_json::from_slice(&current.body).map_err(|e| {
+            storage_problem(EngineError::Corrupt(format!(
+                "{key}: stored body is not JSON: {e}"
+            )))
+        })?;
+        json_patch::merge(&mut doc, &patch);
+        let new_body = serde_json::to_vec(&doc)
+            .map_err(|e| problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let outcome = store
+            .write(vec![Write {
+                key: key.clone(),
+                op: WriteOp::Put(Bytes::from(new_body)),
+                precondition: Precondition::Version(current.lsn),
+            }])
+            .await;
+        match outcome {
+            Ok(committed) => return Ok(written(&committed, &key, StatusCode::OK)),
+            Err(EngineError::PreconditionFailed { .. }) if wanted.is_none() => continue,
+            Err(e) => return Err(storage_problem(e)),
+        }
+    }
+    Err(problem(
+        StatusCode::CONFLICT,
+        format!("{key} kept changing during PATCH; retry"),
+    ))
+}
+
+/// DELETE of one record.
+pub async fn delete_record(
+    store: &Store,
+    headers: &HeaderMap,
+    collection: &str,
+    id: &str,
+) -> ApiResult {
+    let key = Key::new(collection, id).map_err(bad_key)?;
+    let explicit = write_precondition(headers)?;
+    let outcome = store
+        .write(vec![Write {
+            key: key.clone(),
+            op: WriteOp::Delete,
+            precondition: explicit.unwrap_or(Precondition::Exists),
+        }])
+        .await;
+    match outcome {
+        Ok(committed) => Ok(written(&committed, &key, StatusCode::OK)),
+        Err(EngineError::PreconditionFailed { current: None, .. }) if explicit.is_none() => {
+            Err(problem(StatusCode::NOT_FOUND, format!("no record {key}")))
+        }
+        Err(e) => Err(storage_problem(e)),
+    }
+}
+
+/// GET of a collection: `?limit=&after=&prefix=`, in id order, with a `next` cursor.
+pub async fn list(
+    store: &Store,
+    settings: &AppSettings,
+    method: &Method,
+    query: Option<&str>,
+    collection: &str,
+) -> ApiResult {
+    Key::check_collection(collection).map_err(bad_key)?;
+    let mut q = ListQuery {
+        limit: settings.list_default_limit,
+        ..ListQuery::default()
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(&value.replace('+', " "))
+            .decode_utf8()
+            .map_err(|_| {
+                problem(
+                    StatusCode::BAD_REQUEST,
+                    format!("query parameter {name} is not UTF-8"),
+                )
+            })?
+            .into_owned();
+        match name {
+            "limit" => {
+                let n: usize = value.parse().map_err(|_| {
+                    problem(
+                        StatusCode::BAD_REQUEST,
+                        format!("limit must be a positive integer, got {value:?}"),
+                    )
+                })?;
+                if n == 0 {
+                    return Err(problem(StatusCode::BAD_REQUEST, "limit must be at least 1"));
+                }
+                q.limit = n.min(settings.list_max_limit);
+            }
+            "after" => q.after = Some(value),
+            "prefix" => q.prefix = value,
+            other => {
+                return Err(problem(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter {other:?}; use limit, after, prefix"),
+                ))
+            }
+        }
+    }
+    let page = store.list(collection, &q).await.map_err(storage_problem)?;
+    let mut out = Vec::with_capacity(
+        64 + page
+            .items
+            .iter()
+            .map(|(_, r)| r.body.len() + 64)
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(b"{\"items\":[");
+    for (i, (id, record)) in page.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"id\":");
+        out.extend_from_slice(serde_json::to_string(id).unwrap_or_default().as_bytes());
+        out.extend_from_slice(b",\"etag\":");
+        out.extend_from_slice(
+            serde_json::to_string(&record.etag())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        out.extend_from_slice(b",\"value\":");
+        out.extend_from_slice(&record.body);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"next\":");
+    out.extend_from_slice(
+        serde_json::to_string(&page.next)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"}\n");
+    let len = out.len();
+    let mut resp = Response::new(if method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(out)
+    });
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    Ok(resp)
+}
+
+/// One write of a batch request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchWrite<'a> {
+    op: &'a str,
+    collection: &'a str,
+    id: &'a str,
+    #[serde(borrow, default)]
+    value: Option<&'a RawValue>,
+    #[serde(default)]
+    if_match: Option<&'a str>,
+    #[serde(default)]
+    if_none_match: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest<'a> {
+    #[serde(borrow)]
+    writes: Vec<BatchWrite<'a>>,
+}
+
+/// POST /api/v1/batch: all writes apply atomically, or none does.
+pub async fn batch(
+    store: &Store,
+    settings: &AppSettings,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> ApiResult {
+    let bytes = read_json(headers, body, settings, false).await?;
+    let request: BatchRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("invalid batch: {e}")))?;
+    if request.writes.is_empty() {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "a batch needs at least one write",
+        ));
+    }
+    if request.writes.len() > settings.max_batch_writes {
+        return Err(problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a batch may carry at most {} writes",
+                settings.max_batch_writes
+            ),
+        ));
+    }
+    let mut writes = Vec::with_capacity(request.writes.len());
+    for (i, w) in request.writes.iter().enumerate() {
+        let at = |m: String| problem(StatusCode::BAD_REQUEST, format!("write {i}: {m}"));
+        let key = Key::new(w.collection, w.id).map_err(|e| at(e.to_string()))?;
+        let op = match (w.op, w.value) {
+            ("put", Some(v)) => WriteOp::Put(Bytes::copy_from_slice(v.get().as_bytes())),
+            ("put", None) => return Err(at("put needs a value".into())),
+            ("delete", None) => WriteOp::Delete,
+            ("delete", Some(_)) => return Err(at("delete takes no value".into())),
+            (other, _) => return Err(at(format!("unknown op {other:?}; use put or delete"))),
+        };
+        let precondition = match (w.if_match, w.if_none_match) {
+            (Some(_), Some(_)) => {
+                return Err(at("give if_match or if_none_match, not both".into()))
+            }
+            (Some("*"), None) => Precondition::Exists,
+            (Some(tag), None) => Precondition::Version(
+                parse_etag(tag)
+                    .ok_or_else(|| at(format!("if_match {tag:?} is not an ETag like \"12\"")))?,
+            ),
+            (None, Some("*")) => Precondition::Absent,
+            (None, Some(_)) => return Err(at("if_none_match supports only \"*\"".into())),
+            (None, None) => Precondition::None,
+        };
+        writes.push(Write {
+            key,
+            op,
+            precondition,
+        });
+    }
+    let keys: Vec<Key> = writes.iter().map(|w| w.key.clone()).collect();
+    let committed = store.write(writes).await.map_err(|e| match e {
+        EngineError::PreconditionFailed { index, key, current } => problem(
+            StatusCode::PRECONDITION_FAILED,
+            format!(
+                "write {index} ({key}): condition not met (current version {}); nothing was applied",
+                current.map_or_else(|| "none".to_owned(), |v| format!("\"{v}\""))
+            ),
+        ),
+        other => storage_problem(other),
+    })?;
+    let results: Vec<serde_json::Value> = keys
+        .iter()
+        .zip(&committed.results)
+        .map(|(key, r)| {
+            serde_json::json!({
+                "collection": key.collection(),
+                "id": key.id(),
+                "etag": r.record.as_ref().map(Record::etag),
+                "created": r.created,
+            })
+        })
+        .collect();
+    let out = serde_json::to_vec(&serde_json::json!({ "lsn": committed.lsn, "results": results }))
+        .map_err(|e| problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut resp = Response::new(body::full(out));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    lsn_header(&mut resp, committed.lsn);
+    Ok(resp)
+}

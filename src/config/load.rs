@@ -1,0 +1,252 @@
+//! Reading a config file into the model, with errors a user can act on: file, line, column,
+//! and a "did you mean" for misspelt keys; then the checks serde cannot express.
+
+use std::path::{Path, PathBuf};
+
+use super::model::Config;
+use super::secrets;
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not fit the model.
+    #[error("{path}:{line}:{column}: {message}{}", hint.as_ref().map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending text.
+        line: usize,
+        /// 1-based column of the offending text.
+        column: usize,
+        /// What is wrong.
+        message: String,
+        /// The known key closest to a misspelt one.
+        hint: Option<String>,
+    },
+    /// The config parses but a value is not acceptable.
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        /// The file (or `<default>` for the built-in config).
+        path: PathBuf,
+        /// Dotted name of the offending setting, e.g. `app.listen`.
+        field: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// A validation error about one setting.
+    pub fn invalid(path: &Path, field: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let config = parse(path, &text)?;
+    validate(path, &config)?;
+    Ok(config)
+}
+
+/// Parses TOML text into the model, mapping serde's error to file:line:col.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    toml::from_str::<Config>(text).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|span| line_col(text, span.start))
+            .unwrap_or((1, 1));
+        let message = e.message().trim().to_owned();
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            hint: did_you_mean(&message),
+            message,
+        }
+    })
+}
+
+/// Checks what the types alone cannot: listeners opened without auth, limits that make no
+/// sense, secrets that cannot be read.
+pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
+    let node = &config.node;
+    if node.cluster_secret.is_some() && node.cluster_secret_file.is_some() {
+        return Err(ConfigError::invalid(
+            path,
+            "node.cluster_secret",
+            "set cluster_secret or cluster_secret_file, not both",
+        ));
+    }
+    if let Some(file) = &node.cluster_secret_file {
+        secrets::read_secret_file(file)
+            .map_err(|e| ConfigError::invalid(path, "node.cluster_secret_file", e.to_string()))?;
+    }
+    if let Some(app) = &config.app {
+        if app.max_body.bytes() == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "app.max_body",
+                "must be more than 0",
+            ));
+        }
+        if app.list_max_limit == 0 || app.list_default_limit == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "app.list_default_limit",
+                "limits must be at least 1",
+            ));
+        }
+        if app.list_default_limit > app.list_max_limit {
+            return Err(ConfigError::invalid(
+                path,
+                "app.list_default_limit",
+                format!(
+                    "{} exceeds list_max_limit {}",
+                    app.list_default_limit, app.list_max_limit
+                ),
+            ));
+        }
+        if app.max_batch_writes == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "app.max_batch_writes",
+                "must be at least 1",
+            ));
+        }
+        if app.http.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "app.http.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (i, token) in app.tokens.iter().enumerate() {
+            secrets::resolve_token(token).map_err(|e| {
+                ConfigError::invalid(path, &format!("app.tokens[{i}]"), e.to_string())
+            })?;
+            if token.scopes.is_empty() {
+                return Err(ConfigError::invalid(
+                    path,
+                    &format!("app.tokens[{i}].scopes"),
+                    "a token needs at least one scope (read, write, admin)",
+                ));
+            }
+        }
+        crate::app::static_files::CacheRules::new(&app.static_cache)
+            .map_err(|e| ConfigError::invalid(path, "app.static_cache", e.to_string()))?;
+        let exposed = !app.listen.ip().is_loopback() || !node.admin.ip().is_loopback();
+        if exposed && app.tokens.is_empty() && !app.allow_anonymous {
+            return Err(ConfigError::invalid(
+                path,
+                "app.tokens",
+                "a listener is on a non-loopback address but no tokens are configured; \
+                 add [[app.tokens]] or set allow_anonymous = true to serve without authentication",
+            ));
+        }
+    }
+    if config.roles().is_empty() {
+        return Err(ConfigError::invalid(
+            path,
+            "config",
+            "no role is switched on; add an [app] section",
+        ));
+    }
+    Ok(())
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`" (also "unknown variant"),
+/// the expected name closest to `x`, if any is close enough to be a likely typo.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (unknown, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|candidate| (strsim::jaro_winkler(unknown, candidate), candidate))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(Path::new("test.toml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_column_and_suggests() {
+        let e = err("[node]\nname = \"a\"\n\n[app]\nlisen = \"127.0.0.1:1\"\n");
+        assert!(e.starts_with("test.toml:5:1: unknown field `lisen`"), "{e}");
+        assert!(e.contains("did you mean `listen`?"), "{e}");
+    }
+
+    #[test]
+    fn unknown_section_is_an_error() {
+        let e = err("[bogus]\nx = 1\n");
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn bad_units_are_explained() {
+        let e = err("[app]\nmax_body = \"lots\"\n");
+        assert!(e.starts_with("test.toml:2:12"), "{e}");
+        assert!(e.contains("invalid size"), "{e}");
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = parse(Path::new("t"), "[app]\n").unwrap();
+        assert_eq!(c.app.unwrap().max_body.bytes(), 1 << 20);
+        assert_eq!(c.node.name, "strata");
+    }
+
+    #[test]
+    fn non_loopback_without_tokens_is_refused() {
+        let c = parse(Path::new("t"), "[app]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("allow_anonymous"), "{e}");
+        let c = parse(
+            Path::new("t"),
+            "[app]\nlisten = \"0.0.0.0:8080\"\nallow_anonymous = true\n",
+        )
+        .unwrap();
+        validate(Path::new("t"), &c).unwrap();
+    }
+
+    #[test]
+    fn no_role_is_refused() {
+        let c = parse(Path::new("t"), "[node]\nname = \"x\"\n").unwrap();
+        assert!(validate(Path::new("t"), &c).is_err());
+    }
+}

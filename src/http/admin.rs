@@ -1,0 +1,239 @@
+//! The admin listener every node runs: `/healthz`, `/readyz`, `/metrics`, `/admin/status`,
+//! `/admin/reload`. Roles plug in as [`Component`]s, so this module knows no role.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use super::auth::Tokens;
+use super::body::{self, Body};
+use super::problem::Problem;
+use crate::config::{self, LiveConfig, ReloadReport, Scope};
+use crate::metrics::Metrics;
+
+/// A role as the admin endpoints see it.
+pub trait Component: Send + Sync {
+    /// The role's name in status output.
+    fn name(&self) -> &'static str;
+    /// `Ok` when the role can serve; otherwise why not.
+    fn ready(&self) -> Result<(), String>;
+    /// The role's section of `/admin/status`.
+    fn status(&self) -> serde_json::Value;
+}
+
+type Reloader = Box<dyn Fn() -> ReloadReport + Send + Sync>;
+
+/// State behind the admin endpoints.
+pub struct Admin {
+    started: Instant,
+    live: Arc<LiveConfig>,
+    metrics: Arc<Metrics>,
+    tokens: Arc<ArcSwap<Tokens>>,
+    components: Mutex<Vec<Arc<dyn Component>>>,
+    reloader: OnceLock<Reloader>,
+    last_reload: Mutex<Option<ReloadReport>>,
+}
+
+impl Admin {
+    /// Admin state for a node.
+    pub fn new(
+        live: Arc<LiveConfig>,
+        metrics: Arc<Metrics>,
+        tokens: Arc<ArcSwap<Tokens>>,
+    ) -> Arc<Self> {
+        Arc::new(Admin {
+            started: Instant::now(),
+            live,
+            metrics,
+            tokens,
+            components: Mutex::new(Vec::new()),
+            reloader: OnceLock::new(),
+            last_reload: Mutex::new(None),
+        })
+    }
+
+    /// Adds a role to readiness and status.
+    pub fn add_component(&self, c: Arc<dyn Component>) {
+        if let Ok(mut cs) = self.components.lock() {
+            cs.push(c);
+        }
+    }
+
+    /// Sets the function `POST /admin/reload` calls (the node's reload).
+    pub fn set_reloader(&self, f: impl Fn() -> ReloadReport + Send + Sync + 'static) {
+        let _ = self.reloader.set(Box::new(f));
+    }
+
+    /// Records a reload's outcome for `/admin/status`.
+    pub fn record_reload(&self, report: ReloadReport) {
+        if let Ok(mut last) = self.last_reload.lock() {
+            *last = Some(report);
+        }
+    }
+
+    fn components(&self) -> Vec<Arc<dyn Component>> {
+        self.components
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// Why the node is not ready, if it is not.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.components()
+            .iter()
+            .filter_map(|c| c.ready().err().map(|e| format!("{}: {e}", c.name())))
+            .collect()
+    }
+
+    /// The `/admin/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        let cfg = self.live.get();
+        let mut roles = serde_json::Map::new();
+        for c in self.components() {
+            roles.insert(c.name().to_owned(), c.status());
+        }
+        let not_ready = self.not_ready();
+        json!({
+            "node": cfg.node.name,
+            "roles": cfg.roles(),
+            "ready": not_ready.is_empty(),
+            "not_ready": not_ready,
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "config": {
+                "version": config::version(&cfg),
+                "source": match self.live.source() {
+                    config::Source::File(p) => p.display().to_string(),
+                    config::Source::Default => "<built-in default>".to_owned(),
+                },
+                "last_reload": self.last_reload.lock().ok().and_then(|l| l.clone()),
+            },
+            "components": roles,
+        })
+    }
+
+    /// Answers one admin request.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let (route, resp) = self.route(&req);
+        self.metrics
+            .observe_request("admin", route, resp.status().as_u16(), started.elapsed());
+        Ok(resp)
+    }
+
+    fn route(&self, req: &Request<hyper::body::Incoming>) -> (&'static str, Response<Body>) {
+        let path = req.uri().path();
+        let (route, allowed): (&'static str, &[Method]) = match path {
+            "/healthz" => ("healthz", &[Method::GET, Method::HEAD]),
+            "/readyz" => ("readyz", &[Method::GET, Method::HEAD]),
+            "/metrics" => ("metrics", &[Method::GET]),
+            "/admin/status" => ("status", &[Method::GET]),
+            "/admin/reload" => ("reload", &[Method::POST]),
+            _ => {
+                return (
+                    "unknown",
+                    Problem::new(
+                        StatusCode::NOT_FOUND,
+                        format!("no admin endpoint at {path}"),
+                    )
+                    .into_response(),
+                )
+            }
+        };
+        if !allowed.contains(req.method()) {
+            return (route, method_not_allowed(allowed));
+        }
+        if matches!(route, "metrics" | "status" | "reload") {
+            if let Err(problem) = self.tokens.load().check(req.headers(), Scope::Admin) {
+                return (route, problem.into_response());
+            }
+        }
+        let resp = match route {
+            "healthz" => text(StatusCode::OK, "ok\n"),
+            "readyz" => {
+                let not_ready = self.not_ready();
+                if not_ready.is_empty() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", not_ready.join("; ")),
+                    )
+                }
+            }
+            "metrics" => {
+                let mut r = text(StatusCode::OK, self.metrics.encode());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            "status" => json_response(StatusCode::OK, &self.status()),
+            _ => match self.reloader.get() {
+                Some(reload) => {
+                    let report = reload();
+                    let status = if report.applied {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::UNPROCESSABLE_ENTITY
+                    };
+                    json_response(status, &serde_json::to_value(&report).unwrap_or_default())
+                }
+                None => Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "reload is not available yet",
+                )
+                .into_response(),
+            },
+        };
+        (route, resp)
+    }
+}
+
+/// A 405 listing what is allowed.
+pub fn method_not_allowed(allowed: &[Method]) -> Response<Body> {
+    let allow = allowed
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut resp = Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("this resource allows {allow}"),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        resp.headers_mut().insert(header::ALLOW, v);
+    }
+    resp
+}
+
+fn text(status: StatusCode, s: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(body::full(s.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut bytes = serde_json::to_vec_pretty(v).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut r = Response::new(body::full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}

@@ -1,0 +1,150 @@
+//! Prometheus exposition. Every role registers its metrics in one registry per node; the
+//! admin listener serves it at `/metrics`.
+//!
+//! Counters and histograms are lock-free atomics once created; the per-route handles are
+//! looked up through a read-locked map, which is cheap next to an HTTP request.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Metric, Registry};
+
+/// Labels of a request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Which role answered (`app`, `admin`, …).
+    pub role: &'static str,
+    /// The route, as a fixed name (never the raw path, which would explode cardinality).
+    pub route: &'static str,
+    /// HTTP status sent.
+    pub status: u16,
+}
+
+/// Labels of a latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Which role answered.
+    pub role: &'static str,
+    /// The route name.
+    pub route: &'static str,
+}
+
+type Refresher = Box<dyn Fn() + Send + Sync>;
+
+/// The node's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    refreshers: Mutex<Vec<Refresher>>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+}
+
+/// Latency buckets from 50µs to ~6.5s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00005, 2.0, 18))
+}
+
+impl Metrics {
+    /// A registry with the HTTP request metrics every role shares.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("strata");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register("http_requests", "HTTP requests answered", requests.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request head to response head",
+            latency.clone(),
+        );
+        Arc::new(Metrics {
+            registry: Mutex::new(registry),
+            refreshers: Mutex::new(Vec::new()),
+            requests,
+            latency,
+        })
+    }
+
+    /// Counts one answered request and its latency.
+    pub fn observe_request(
+        &self,
+        role: &'static str,
+        route: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                role,
+                route,
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels { role, route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Adds a metric owned by a role (the handle stays with the role, which updates it).
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        if let Ok(mut r) = self.registry.lock() {
+            r.register(name, help, metric);
+        }
+    }
+
+    /// Adds a gauge whose value is computed at scrape time.
+    pub fn gauge_fn(
+        &self,
+        name: &str,
+        help: &str,
+        compute: impl Fn() -> i64 + Send + Sync + 'static,
+    ) {
+        let gauge = Gauge::<i64>::default();
+        self.register(name, help, gauge.clone());
+        if let Ok(mut r) = self.refreshers.lock() {
+            r.push(Box::new(move || {
+                gauge.set(compute());
+            }));
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        if let Ok(refreshers) = self.refreshers.lock() {
+            for refresh in refreshers.iter() {
+                refresh();
+            }
+        }
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_gauges_are_exposed() {
+        let m = Metrics::new();
+        m.observe_request("app", "record", 200, Duration::from_millis(2));
+        m.gauge_fn("records", "records stored", || 42);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "strata_http_requests_total{role=\"app\",route=\"record\",status=\"200\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("strata_records 42"), "{text}");
+    }
+}

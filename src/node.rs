@@ -1,0 +1,295 @@
+//! A node: starts the roles its config names, wires them to the admin listener, reloads on
+//! SIGHUP, and shuts everything down in order on SIGTERM/SIGINT.
+//!
+//! Boot reads like a checklist: load config → open storage → start each role's listener →
+//! start admin → wait for a stop signal → drain listeners → make storage durable → exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::{static_files::StaticFiles, App, AppSettings};
+use crate::config::{self, Config, ConfigError, LiveConfig, ReloadReport, Source};
+use crate::http::admin::Admin;
+use crate::http::auth::Tokens;
+use crate::http::server;
+use crate::metrics::Metrics;
+use crate::storage::{Engine, EngineConfig, EngineError, Store};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The config was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        /// What the listener is for.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Storage could not be opened.
+    #[error("cannot open storage in {path}: {source}")]
+    Storage {
+        /// The data directory.
+        path: PathBuf,
+        /// The engine's error.
+        source: EngineError,
+    },
+    /// The static directory is unusable.
+    #[error(transparent)]
+    Static(#[from] crate::app::static_files::StaticError),
+    /// A secret (token) could not be read.
+    #[error(transparent)]
+    Secret(#[from] config::secrets::SecretError),
+}
+
+/// The parts of a running node that reload touches.
+struct Running {
+    live: Arc<LiveConfig>,
+    tokens: Arc<ArcSwap<Tokens>>,
+    app: Option<Arc<App>>,
+}
+
+impl Running {
+    /// Re-reads the config source; applies it only if every part of it is acceptable.
+    fn reload(&self) -> ReloadReport {
+        let old = self.live.get();
+        let refused = |why: String| {
+            tracing::error!(reason = %why, "config reload refused; keeping the running config");
+            ReloadReport::now(false, config::version(&old), why, Vec::new())
+        };
+        let new = match self.live.source().load() {
+            Ok(c) => c,
+            Err(e) => return refused(e.to_string()),
+        };
+        // Prepare everything first; nothing changes unless all of it succeeds.
+        let tokens = match Tokens::from_config(new.app.as_ref().map_or(&[][..], |a| &a.tokens)) {
+            Ok(t) => t,
+            Err(e) => return refused(e.to_string()),
+        };
+        let app_settings = match (&self.app, &new.app) {
+            (Some(_), Some(app_cfg)) => match AppSettings::from_config(&new, app_cfg) {
+                Ok(s) => Some(s),
+                Err(e) => return refused(e.to_string()),
+            },
+            _ => None,
+        };
+        let restart: Vec<String> = config::restart_required(&old, &new)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        self.tokens.store(Arc::new(tokens));
+        if let (Some(app), Some(s)) = (&self.app, app_settings) {
+            app.apply(s);
+        }
+        let version = config::version(&new);
+        self.live.store(new);
+        let message = if restart.is_empty() {
+            "applied".to_owned()
+        } else {
+            format!(
+                "applied; these changes wait for a restart: {}",
+                restart.join(", ")
+            )
+        };
+        tracing::info!(%version, %message, "config reloaded");
+        ReloadReport::now(true, version, message, restart)
+    }
+}
+
+/// Runs a node until SIGTERM/SIGINT, then drains and returns.
+pub async fn run(source: Source) -> Result<(), NodeError> {
+    let config = source.load()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let live = Arc::new(LiveConfig::new(source, config.clone()));
+    let metrics = Metrics::new();
+    let tokens = Arc::new(ArcSwap::from_pointee(Tokens::from_config(
+        config.app.as_ref().map_or(&[][..], |a| &a.tokens),
+    )?));
+    let admin = Admin::new(live.clone(), metrics.clone(), tokens.clone());
+    let grace = config.node.shutdown_grace.get();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut engine = None;
+
+    println!(
+        "strata: node {:?} starting roles: {}",
+        config.node.name,
+        config.roles().join(", ")
+    );
+    let app = match &config.app {
+        Some(app_cfg) => {
+            let e = open_engine(&config, &metrics)?;
+            engine = Some(e.clone());
+            let static_files = match &app_cfg.static_dir {
+                Some(dir) => Some((dir.clone(), StaticFiles::new(dir)?)),
+                None if std::path::Path::new("public").is_dir() => Some((
+                    PathBuf::from("public"),
+                    StaticFiles::new(std::path::Path::new("public"))?,
+                )),
+                None => None,
+            };
+            let app = App::new(
+                Store::Embedded(e),
+                static_files,
+                AppSettings::from_config(&config, app_cfg)?,
+                tokens.clone(),
+                metrics.clone(),
+            );
+            admin.add_component(app.clone());
+            let listener = bind("app", app_cfg.listen).await?;
+            let addr = listener.local_addr().unwrap_or(app_cfg.listen);
+            println!(
+                "strata: app listening on http://{addr} (data API at /api/v1/, static files {})",
+                app.static_root().map_or_else(
+                    || "off: no ./public directory".to_owned(),
+                    |p| format!("from {}", p.display())
+                )
+            );
+            let served = app.clone();
+            let limits = app_cfg.http.clone();
+            let stop = stop_rx.clone();
+            tasks.spawn(async move {
+                server::serve(
+                    "app",
+                    listener,
+                    &limits,
+                    move |peer| {
+                        let app = served.clone();
+                        hyper::service::service_fn(move |req| app.clone().handle(req, peer))
+                    },
+                    stop,
+                    grace,
+                )
+                .await
+            });
+            Some(app)
+        }
+        None => None,
+    };
+
+    let running = Arc::new(Running {
+        live: live.clone(),
+        tokens,
+        app,
+    });
+    let reloader = running.clone();
+    let admin_for_reload = admin.clone();
+    admin.set_reloader(move || {
+        let report = reloader.reload();
+        admin_for_reload.record_reload(report.clone());
+        report
+    });
+
+    let admin_listener = bind("admin", config.node.admin).await?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(config.node.admin);
+    println!(
+        "strata: admin listening on http://{admin_addr} (/healthz /readyz /metrics /admin/status)"
+    );
+    if let Some(e) = &engine {
+        println!(
+            "strata: data in {} (LSN {})",
+            config.node.data_dir.display(),
+            e.status().last_lsn
+        );
+    }
+    let served = admin.clone();
+    let stop = stop_rx.clone();
+    tasks.spawn(async move {
+        server::serve(
+            "admin",
+            admin_listener,
+            &config::HttpLimits::default(),
+            move |_| {
+                let admin = served.clone();
+                hyper::service::service_fn(move |req| admin.clone().handle(req))
+            },
+            stop,
+            grace,
+        )
+        .await
+    });
+
+    let signals = tokio::spawn(handle_signals(stop_tx, running.clone(), admin.clone()));
+    let mut stranded = 0;
+    while let Some(result) = tasks.join_next().await {
+        stranded += result.unwrap_or(0);
+    }
+    signals.abort();
+    if let Some(e) = engine {
+        let path = config.node.data_dir.clone();
+        tokio::task::spawn_blocking(move || e.shutdown())
+            .await
+            .unwrap_or(Ok(()))
+            .map_err(|source| NodeError::Storage { path, source })?;
+    }
+    if stranded > 0 {
+        tracing::warn!(
+            stranded,
+            "some connections were still open at the drain deadline"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn open_engine(config: &Config, metrics: &Metrics) -> Result<Arc<Engine>, NodeError> {
+    let path = config.node.data_dir.clone();
+    let engine = Engine::open(EngineConfig {
+        path: path.clone(),
+        log_retention: config.node.log_retention,
+        max_group: 1024,
+        cache_bytes: 256 << 20,
+    })
+    .map_err(|source| NodeError::Storage { path, source })?;
+    engine.register_metrics(metrics);
+    Ok(engine)
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+/// SIGHUP reloads; the first SIGTERM/SIGINT starts a graceful stop, a second exits at once.
+async fn handle_signals(stop: watch::Sender<bool>, running: Arc<Running>, admin: Arc<Admin>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {
+                let r = running.clone();
+                if let Ok(report) = tokio::task::spawn_blocking(move || r.reload()).await {
+                    admin.record_reload(report);
+                }
+                continue;
+            }
+        }
+        if stopping {
+            tracing::warn!("second stop signal: exiting now");
+            std::process::exit(130);
+        }
+        stopping = true;
+        tracing::info!("stop signal: draining in-flight requests");
+        let _ = stop.send(true);
+    }
+}
