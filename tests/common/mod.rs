@@ -1,0 +1,207 @@
+//! Test harness: starts the real `strata` binary on ephemeral loopback ports with a temp
+//! data dir, and talks to it over HTTP and raw TCP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strata")
+}
+
+/// A running `strata serve` process.
+pub struct Node {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub app: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// The default app config for tests: loopback, ephemeral ports, data in the temp dir.
+pub fn app_config(dir: &Path, extra_app: &str) -> String {
+    format!(
+        "[node]\nname = \"test\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n[app]\nlisten = \"127.0.0.1:0\"\n{extra_app}\n",
+        dir.join("data").display()
+    )
+}
+
+impl Node {
+    /// Starts a node with an app role whose `[app]` section gets `extra_app` appended.
+    pub fn start_app(extra_app: &str) -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let text = app_config(tmp.path(), extra_app);
+        let mut node = Node::start_with(tmp.path(), &text);
+        node._tmp = Some(tmp);
+        node
+    }
+
+    /// Starts a node from config text written into `dir/strata.toml`.
+    pub fn start_with(dir: &Path, config_text: &str) -> Node {
+        let config = dir.join("strata.toml");
+        std::fs::write(&config, config_text).expect("write config");
+        Node::spawn(dir, &config)
+    }
+
+    /// Starts (or restarts) the process for an existing config file.
+    pub fn spawn(dir: &Path, config: &Path) -> Node {
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .current_dir(dir)
+            .env("STRATA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn strata");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr_pipe = child.stderr.take().expect("stderr");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+                if std::env::var_os("STRATA_TEST_LOG").is_some() {
+                    eprintln!("[strata] {line}");
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut app = None;
+        let mut admin = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "strata did not start: {}",
+                        stderr.lock().map(|s| s.clone()).unwrap_or_default()
+                    );
+                }
+            };
+            let addr = || {
+                line.split("http://")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+            };
+            if line.starts_with("strata: app listening on") {
+                app = addr();
+            } else if line.starts_with("strata: admin listening on") {
+                admin = addr();
+            }
+        }
+        Node {
+            child,
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            app,
+            admin: admin.expect("admin address"),
+            stderr,
+            _tmp: None,
+        }
+    }
+
+    /// `http://addr` of the app listener.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.app.expect("app role"))
+    }
+
+    /// `http://addr` of the admin listener.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, returning its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// kill -9, then start again with the same config and data.
+    pub fn restart_after_kill9(mut self) -> Node {
+        self.kill9();
+        let tmp = self._tmp.take();
+        let mut n = Node::spawn(&self.dir, &self.config);
+        n._tmp = tmp;
+        n
+    }
+
+    /// What the process logged so far.
+    pub fn logs(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reqwest client with short timeouts and no proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// Sends raw bytes on a fresh connection and returns whatever the server answered before
+/// closing (or before `wait` passed).
+pub fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP response, if there is one.
+pub fn raw_status(response: &str) -> Option<u16> {
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+pub mod suite;
