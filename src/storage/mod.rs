@@ -6,6 +6,7 @@
 //! preconditions, and what a committed batch reports back.
 
 pub mod engine;
+pub mod protocol;
 pub mod store;
 
 use bytes::Bytes;
