@@ -63,10 +63,8 @@ impl Running {
     /// Re-reads the config source; applies it only if every part of it is acceptable.
     fn reload(&self) -> ReloadReport {
         let old = self.live.get();
-        let refused = |why: String| {
-            tracing::error!(reason = %why, "config reload refused; keeping the running config");
-            ReloadReport::now(false, config::version(&old), why, Vec::new())
-        };
+        let refused =
+            |why: String| ReloadReport::now(false, config::version(&old), why, Vec::new());
         let new = match self.live.source().load() {
             Ok(c) => c,
             Err(e) => return refused(e.to_string()),
@@ -101,7 +99,6 @@ impl Running {
                 restart.join(", ")
             )
         };
-        tracing::info!(%version, %message, "config reloaded");
         ReloadReport::now(true, version, message, restart)
     }
 }
@@ -182,12 +179,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         app,
     });
     let reloader = running.clone();
-    let admin_for_reload = admin.clone();
-    admin.set_reloader(move || {
-        let report = reloader.reload();
-        admin_for_reload.record_reload(report.clone());
-        report
-    });
+    admin.set_reloader(move || reloader.reload());
 
     let admin_listener = bind("admin", config.node.admin).await?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.node.admin);
@@ -218,7 +210,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         .await
     });
 
-    let signals = tokio::spawn(handle_signals(stop_tx, running.clone(), admin.clone()));
+    let signals = tokio::spawn(handle_signals(stop_tx, admin.clone()));
     let mut stranded = 0;
     while let Some(result) = tasks.join_next().await {
         stranded += result.unwrap_or(0);
@@ -261,7 +253,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeE
 }
 
 /// SIGHUP reloads; the first SIGTERM/SIGINT starts a graceful stop, a second exits at once.
-async fn handle_signals(stop: watch::Sender<bool>, running: Arc<Running>, admin: Arc<Admin>) {
+async fn handle_signals(stop: watch::Sender<bool>, admin: Arc<Admin>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -277,10 +269,8 @@ async fn handle_signals(stop: watch::Sender<bool>, running: Arc<Running>, admin:
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = hup.recv() => {
-                let r = running.clone();
-                if let Ok(report) = tokio::task::spawn_blocking(move || r.reload()).await {
-                    admin.record_reload(report);
-                }
+                let admin = admin.clone();
+                let _ = tokio::task::spawn_blocking(move || admin.reload()).await;
                 continue;
             }
         }

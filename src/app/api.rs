@@ -301,8 +301,9 @@ pub async fn create_record(
     Ok(written(&committed, &key, StatusCode::CREATED))
 }
 
-/// How many times PATCH re-reads and retries when a concurrent write beat it.
-const PATCH_ATTEMPTS: usize = 8;
+/// How many times PATCH re-reads and retries when a concurrent write beat it. Retries back
+/// off with jitter so contending patches spread out instead of colliding again.
+const PATCH_ATTEMPTS: u32 = 32;
 
 /// PATCH: JSON Merge Patch (RFC 7396), applied under optimistic concurrency so concurrent
 /// patches never lose each other's changes.
@@ -325,7 +326,12 @@ pub async fn patch_record(
     let patch_bytes = read_json(headers, body, settings, true).await?;
     let patch: serde_json::Value = serde_json::from_slice(&patch_bytes)
         .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
-    for _ in 0..PATCH_ATTEMPTS {
+    for attempt in 0..PATCH_ATTEMPTS {
+        if attempt > 0 {
+            let cap = 1u64 << attempt.min(6);
+            let micros = rand::Rng::gen_range(&mut rand::thread_rng(), 0..cap * 250);
+            tokio::time::sleep(Duration::from_micros(micros)).await;
+        }
         let current = store
             .get(&key)
             .await
@@ -497,15 +503,15 @@ pub async fn list(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchWrite<'a> {
-    op: &'a str,
-    collection: &'a str,
-    id: &'a str,
+    op: String,
+    collection: String,
+    id: String,
     #[serde(borrow, default)]
     value: Option<&'a RawValue>,
     #[serde(default)]
-    if_match: Option<&'a str>,
+    if_match: Option<String>,
     #[serde(default)]
-    if_none_match: Option<&'a str>,
+    if_none_match: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -543,15 +549,15 @@ pub async fn batch(
     let mut writes = Vec::with_capacity(request.writes.len());
     for (i, w) in request.writes.iter().enumerate() {
         let at = |m: String| problem(StatusCode::BAD_REQUEST, format!("write {i}: {m}"));
-        let key = Key::new(w.collection, w.id).map_err(|e| at(e.to_string()))?;
-        let op = match (w.op, w.value) {
+        let key = Key::new(&w.collection, &w.id).map_err(|e| at(e.to_string()))?;
+        let op = match (w.op.as_str(), w.value) {
             ("put", Some(v)) => WriteOp::Put(Bytes::copy_from_slice(v.get().as_bytes())),
             ("put", None) => return Err(at("put needs a value".into())),
             ("delete", None) => WriteOp::Delete,
             ("delete", Some(_)) => return Err(at("delete takes no value".into())),
             (other, _) => return Err(at(format!("unknown op {other:?}; use put or delete"))),
         };
-        let precondition = match (w.if_match, w.if_none_match) {
+        let precondition = match (w.if_match.as_deref(), w.if_none_match.as_deref()) {
             (Some(_), Some(_)) => {
                 return Err(at("give if_match or if_none_match, not both".into()))
             }

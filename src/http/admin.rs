@@ -68,11 +68,19 @@ impl Admin {
         let _ = self.reloader.set(Box::new(f));
     }
 
-    /// Records a reload's outcome for `/admin/status`.
-    pub fn record_reload(&self, report: ReloadReport) {
+    /// Runs the node's reload, records the outcome for `/admin/status`, then logs it (in
+    /// that order, so whoever reads the log line finds the status already updated).
+    pub fn reload(&self) -> Option<ReloadReport> {
+        let report = (self.reloader.get()?)();
         if let Ok(mut last) = self.last_reload.lock() {
-            *last = Some(report);
+            *last = Some(report.clone());
         }
+        if report.applied {
+            tracing::info!(version = %report.version, message = %report.message, "config reloaded");
+        } else {
+            tracing::error!(reason = %report.message, "config reload refused; keeping the running config");
+        }
+        Some(report)
     }
 
     fn components(&self) -> Vec<Arc<dyn Component>> {
@@ -177,9 +185,9 @@ impl Admin {
                 r
             }
             "status" => json_response(StatusCode::OK, &self.status()),
-            _ => match self.reloader.get() {
-                Some(reload) => {
-                    let report = reload();
+            // Reload reads files; keep that off the async workers' critical path.
+            _ => match tokio::task::block_in_place(|| self.reload()) {
+                Some(report) => {
                     let status = if report.applied {
                         StatusCode::OK
                     } else {

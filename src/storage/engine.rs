@@ -1068,6 +1068,58 @@ impl Writer {
     }
 }
 
+impl Engine {
+    /// Registers the engine's metrics with the node's registry: the histograms are shared
+    /// handles, the gauges are computed from [`Engine::status`] at scrape time.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &crate::metrics::Metrics) {
+        let m = self.metrics();
+        metrics.register(
+            "storage_group_commit_size",
+            "Client batches made durable by one flush + fsync",
+            m.group_size.clone(),
+        );
+        metrics.register(
+            "storage_flush_seconds",
+            "Time one group commit's flush + fsync took",
+            m.flush_seconds.clone(),
+        );
+        metrics.register(
+            "storage_batches",
+            "Write batches committed",
+            m.batches.clone(),
+        );
+        metrics.register(
+            "storage_writes",
+            "Individual writes committed",
+            m.writes.clone(),
+        );
+        let weak = Arc::downgrade(self);
+        let gauge = |f: fn(&EngineStatus) -> u64| {
+            let weak = weak.clone();
+            move || {
+                weak.upgrade()
+                    .map_or(0, |e| i64::try_from(f(&e.status())).unwrap_or(i64::MAX))
+            }
+        };
+        metrics.gauge_fn("storage_records", "Records stored", gauge(|s| s.records));
+        metrics.gauge_fn(
+            "storage_disk_bytes",
+            "Bytes the database occupies on disk",
+            gauge(|s| s.disk_bytes),
+        );
+        metrics.gauge_fn(
+            "storage_last_lsn",
+            "Newest applied log sequence number",
+            gauge(|s| s.last_lsn),
+        );
+        metrics.gauge_fn(
+            "storage_durable_lsn",
+            "Newest durable log sequence number",
+            gauge(|s| s.durable_lsn),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1765,9 +1817,4 @@ mod tests {
             Err(EngineError::Corrupt(_))
         ));
     }
-}
-
-impl Engine {
-    /// Registers the engine's metrics (stub).
-    pub fn register_metrics(self: &Arc<Self>, _metrics: &crate::metrics::Metrics) {}
 }
