@@ -501,3 +501,54 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         .unwrap();
     assert_eq!(got, json!({"drained": true}));
 }
+
+#[test]
+fn serve_without_config_runs_the_embedded_default() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("public")).unwrap();
+    std::fs::write(dir.path().join("public/hello.txt"), "hi").unwrap();
+    let mut child = Command::new(common::bin())
+        .arg("serve")
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    while !printed.contains("strata: data in") {
+        match lines.next() {
+            Some(Ok(l)) => printed.push_str(&(l + "\n")),
+            _ => break,
+        }
+    }
+    assert!(
+        printed.contains("app listening on http://127.0.0.1:8080"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("admin listening on http://127.0.0.1:9900"),
+        "{printed}"
+    );
+    assert!(printed.contains("static files from public"), "{printed}");
+    assert!(printed.contains("data in strata-data"), "{printed}");
+    let got = raw(
+        "127.0.0.1:8080".parse().unwrap(),
+        b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert!(got.ends_with("hi"), "{got}");
+    let health = raw(
+        "127.0.0.1:9900".parse().unwrap(),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert_eq!(raw_status(&health), Some(200));
+    assert!(dir.path().join("strata-data").is_dir());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
