@@ -8,7 +8,9 @@
 //! lead outside.
 
 use std::borrow::Cow;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
+#[cfg(not(unix))]
+use std::io::{Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -23,7 +25,6 @@ use http::{HeaderMap, Method, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use percent_encoding::percent_decode_str;
-use tokio::io::AsyncReadExt;
 
 use crate::http::body::{self, Body, BodyError};
 
@@ -325,7 +326,7 @@ impl StaticFiles {
             }
             Outcome::Large { meta, file } => {
                 let cache_control = rules.lookup(&meta.rel);
-                respond_file(&meta, file, cache_control, head, headers)
+                Some(respond_file(&meta, file, cache_control, head, headers))
             }
         }
     }
@@ -936,59 +937,75 @@ fn respond_bytes(
 /// Answers from an open file, streaming the body.
 fn respond_file(
     meta: &Meta,
-    mut file: std::fs::File,
+    file: std::fs::File,
     cache_control: Option<HeaderValue>,
     head: bool,
     headers: &HeaderMap,
-) -> Option<Response<Body>> {
+) -> Response<Body> {
     let plan = plan(head, headers, meta);
     let (status, first, last) = match plan {
         Plan::Full => (StatusCode::OK, 0, meta.len.checked_sub(1)),
         Plan::Partial(first, last) => (StatusCode::PARTIAL_CONTENT, first, Some(last)),
-        _ => return bodiless(&plan, meta, cache_control),
+        _ => return bodiless(&plan, meta, cache_control).expect("bodiless plan"),
     };
     let length = last.map_or(0, |last| last - first + 1);
     let body = if head || length == 0 {
         body::empty()
     } else {
-        // lseek does no I/O, so it is fine on the runtime thread.
-        file.seek(SeekFrom::Start(first)).ok()?;
-        file_body(file, length)
+        file_body(file, first, length)
     };
     let response = response(status, meta, cache_control, body);
     let range = (status == StatusCode::PARTIAL_CONTENT).then(|| (first, last.unwrap_or_default()));
-    Some(with_content(
-        response,
-        meta,
-        HeaderValue::from(length),
-        range,
-    ))
+    with_content(response, meta, HeaderValue::from(length), range)
 }
 
-/// Streams `len` bytes from the file's current position in chunks; ends with an error if
-/// the file turns out shorter, so a truncated response is never mistaken for a whole one.
-fn file_body(file: std::fs::File, len: u64) -> Body {
-    let file = tokio::fs::File::from_std(file);
-    let chunks =
-        futures_util::stream::try_unfold((file, len), |(mut file, remaining)| async move {
+/// Streams `len` bytes from `offset` in chunks, each read positionally on the blocking pool
+/// straight into the buffer that becomes the frame (no intermediate copy, no shared file
+/// cursor). Ends with an error if the file turns out shorter, so a truncated response is
+/// never mistaken for a whole one.
+fn file_body(file: std::fs::File, offset: u64, len: u64) -> Body {
+    let chunks = futures_util::stream::try_unfold(
+        (file, offset, len),
+        |(file, offset, remaining)| async move {
             if remaining == 0 {
                 return Ok(None);
             }
-            let mut buf = BytesMut::zeroed(remaining.min(STREAM_CHUNK) as usize);
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
+            let want = remaining.min(STREAM_CHUNK) as usize;
+            let (file, buf) = tokio::task::spawn_blocking(move || {
+                let mut buf = BytesMut::zeroed(want);
+                let n = read_at(&file, &mut buf, offset)?;
+                buf.truncate(n);
+                Ok::<_, io::Error>((file, buf))
+            })
+            .await
+            .map_err(io::Error::other)??;
+            if buf.is_empty() {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "file shrank while being served",
                 ));
             }
-            buf.truncate(n);
+            let n = buf.len() as u64;
             Ok(Some((
                 Frame::data(buf.freeze()),
-                (file, remaining - n as u64),
+                (file, offset + n, remaining - n),
             )))
-        });
+        },
+    );
     StreamBody::new(chunks.map_err(|e| -> BodyError { Box::new(e) })).boxed()
+}
+
+/// One positional read (blocking).
+#[cfg(unix)]
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(file, buf, offset)
+}
+
+/// One positional read (blocking); each chunk owns the file, so seeking is race-free.
+#[cfg(not(unix))]
+fn read_at(mut file: &std::fs::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    file.seek(SeekFrom::Start(offset))?;
+    file.read(buf)
 }
 
 /// Turns the raw request path into the cache key: the decoded path relative to the root,
