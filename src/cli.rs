@@ -45,9 +45,18 @@ pub fn main() -> anyhow::Result<()> {
         Command::Serve { config } => {
             init_tracing();
             let source = config.map_or(Source::Default, Source::File);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            // On one core a current-thread runtime skips the work-stealing machinery and
+            // its cross-thread wake-ups; blocking work still goes to the blocking pool.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let runtime = if cores == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?
+            };
             runtime.block_on(crate::node::run(source))?;
             Ok(())
         }

@@ -130,13 +130,16 @@ impl Admin {
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
-        let (route, resp) = self.route(&req);
+        let (route, resp) = self.clone().route(&req).await;
         self.metrics
             .observe_request("admin", route, resp.status().as_u16(), started.elapsed());
         Ok(resp)
     }
 
-    fn route(&self, req: &Request<hyper::body::Incoming>) -> (&'static str, Response<Body>) {
+    async fn route(
+        self: Arc<Self>,
+        req: &Request<hyper::body::Incoming>,
+    ) -> (&'static str, Response<Body>) {
         let path = req.uri().path();
         let (route, allowed): (&'static str, &[Method]) = match path {
             "/healthz" => ("healthz", &[Method::GET, Method::HEAD]),
@@ -185,8 +188,12 @@ impl Admin {
                 r
             }
             "status" => json_response(StatusCode::OK, &self.status()),
-            // Reload reads files; keep that off the async workers' critical path.
-            _ => match tokio::task::block_in_place(|| self.reload()) {
+            // Reload reads files: run it on the blocking pool, off the async workers.
+            _ => match tokio::task::spawn_blocking(move || self.reload())
+                .await
+                .ok()
+                .flatten()
+            {
                 Some(report) => {
                     let status = if report.applied {
                         StatusCode::OK

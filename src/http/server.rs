@@ -50,6 +50,8 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // Small responses go out in one write() instead of a writev of head and body.
+        .writev(false)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout.get())
         .max_buf_size(limits.max_header_bytes.as_usize().max(8192));
