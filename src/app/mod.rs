@@ -114,7 +114,15 @@ impl App {
         let method = req.method().clone();
         let log_path = settings.access_log.then(|| req.uri().path().to_owned());
         let (route, resp) = self.dispatch(req, &settings).await;
-        let resp = resp.unwrap_or_else(|p| p.into_response());
+        let mut resp = resp.unwrap_or_else(|p| p.into_response());
+        if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was not read: the connection cannot carry another
+            // request, so say so rather than let the client reuse it.
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
         self.metrics.observe_request("app", route, status, elapsed);
