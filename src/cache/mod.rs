@@ -257,7 +257,7 @@ where
     /// Looks a key up. Expired entries are dropped here and count as misses.
     pub fn get(&self, key: &K) -> Lookup<V> {
         let Some(slot) = self.backend.get(key) else {
-            bump(&self.counters.misses);
+            self.counters.miss();
             return Lookup::Miss;
         };
         if slot.expires_at != u64::MAX {
@@ -266,15 +266,17 @@ where
                 // Removing needs no gate: taking a value out can never make the cache stale.
                 self.backend.remove_if(key, |s| s.expires_at <= now);
                 bump(&self.counters.expired);
-                bump(&self.counters.misses);
+                self.counters.miss();
                 return Lookup::Miss;
             }
         }
-        bump(&self.counters.hits);
         match slot.value {
-            Some(v) => Lookup::Hit(v),
+            Some(v) => {
+                self.counters.hit();
+                Lookup::Hit(v)
+            }
             None => {
-                bump(&self.counters.negative_hits);
+                self.counters.negative_hit();
                 Lookup::Absent
             }
         }

@@ -1,14 +1,14 @@
 //! Counters the cache keeps as it works, and the snapshot callers read.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// Live counters, bumped with relaxed atomics on the hot paths. Shared with the eviction
-/// hook, hence `pub(crate)` fields rather than methods per event.
+/// Live counters, bumped with relaxed atomics. The lookup counters are striped over
+/// cache-line-sized lanes picked per thread, so concurrent readers do not fight over one
+/// line; the rest are bumped on paths that take locks anyway. Shared with the eviction
+/// hook, hence `pub(crate)` fields.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
-    pub(crate) negative_hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
+    lanes: [Lane; LANES],
     pub(crate) inserts: AtomicU64,
     pub(crate) refused_stale: AtomicU64,
     pub(crate) refused_too_large: AtomicU64,
@@ -16,6 +16,27 @@ pub(crate) struct Counters {
     pub(crate) expired: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) loads: AtomicU64,
+}
+
+/// Lanes for the lookup counters; more than the cores we expect, so threads rarely share.
+const LANES: usize = 16;
+
+/// One thread group's lookup counters, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Lane {
+    hits: AtomicU64,
+    negative_hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Hands each thread a lane, round robin.
+fn lane_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % LANES;
+    }
+    LANE.with(|l| *l)
 }
 
 /// Adds one to a counter. Relaxed: counters order nothing, they are only read for reports.
@@ -73,13 +94,31 @@ impl CacheStats {
 }
 
 impl Counters {
+    /// Counts a lookup answered with a value.
+    pub(crate) fn hit(&self) {
+        bump(&self.lanes[lane_index()].hits);
+    }
+
+    /// Counts a lookup answered "known absent".
+    pub(crate) fn negative_hit(&self) {
+        let lane = &self.lanes[lane_index()];
+        bump(&lane.hits);
+        bump(&lane.negative_hits);
+    }
+
+    /// Counts a lookup the cache could not answer.
+    pub(crate) fn miss(&self) {
+        bump(&self.lanes[lane_index()].misses);
+    }
+
     /// Reads every counter; the size fields are filled in by the cache.
     pub(crate) fn snapshot(&self) -> CacheStats {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let sum = |f: fn(&Lane) -> &AtomicU64| self.lanes.iter().map(|l| r(f(l))).sum();
         CacheStats {
-            hits: r(&self.hits),
-            negative_hits: r(&self.negative_hits),
-            misses: r(&self.misses),
+            hits: sum(|l| &l.hits),
+            negative_hits: sum(|l| &l.negative_hits),
+            misses: sum(|l| &l.misses),
             inserts: r(&self.inserts),
             refused_stale: r(&self.refused_stale),
             refused_too_large: r(&self.refused_too_large),
@@ -100,10 +139,16 @@ mod tests {
     fn hit_ratio_handles_zero_and_counts() {
         assert_eq!(CacheStats::default().hit_ratio(), 0.0);
         let c = Counters::default();
-        bump(&c.hits);
-        bump(&c.hits);
-        bump(&c.hits);
-        bump(&c.misses);
-        assert_eq!(c.snapshot().hit_ratio(), 0.75);
+        c.hit();
+        c.hit();
+        c.negative_hit();
+        c.miss();
+        let s = c.snapshot();
+        assert_eq!((s.hits, s.negative_hits, s.misses), (3, 1, 1));
+        assert_eq!(s.hit_ratio(), 0.75);
+        std::thread::scope(|t| {
+            t.spawn(|| c.hit());
+        });
+        assert_eq!(c.snapshot().hits, 4, "lanes of other threads are summed");
     }
 }
