@@ -286,7 +286,7 @@ where
     /// it may be stale: an invalidation of `key` or a clear at a later LSN, or an entry for
     /// `key` read at a later LSN (of two racing fills the fresher wins).
     pub fn insert_if_fresh(&self, key: K, value: V, read_lsn: u64) -> Result<(), Refused> {
-        let weight = key.weight() + value.weight();
+        let weight = key.weight().saturating_add(value.weight());
         let ttl = self.ttl;
         self.fill(key, Some(value), weight, read_lsn, ttl)
     }
@@ -368,10 +368,13 @@ where
         read_lsn: u64,
         ttl: Option<Duration>,
     ) -> Result<(), Refused> {
-        let weight = (weight + ENTRY_OVERHEAD) as u64;
+        let weight = u64::try_from(weight.saturating_add(ENTRY_OVERHEAD)).unwrap_or(u64::MAX);
         let limit = self.max_entry_bytes();
         if weight > limit {
             bump(&self.counters.refused_too_large);
+            // An entry read before this (fresher) read may be outdated; taking it out is
+            // always safe.
+            self.backend.remove_if(&key, |s| s.read_lsn < read_lsn);
             return Err(Refused::TooLarge { weight, limit });
         }
         let expires_at = match ttl {

@@ -324,6 +324,48 @@ async fn single_flight_makes_one_load_for_100_callers() {
     assert!(c.flights.is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_flight_makes_one_load_for_100_spawned_tasks() {
+    let c = Arc::new(cache(1 << 20));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, loads, entered) = (c.clone(), loads.clone(), entered.clone());
+            tokio::spawn(async move {
+                entered.fetch_add(1, Ordering::SeqCst);
+                let waiting = entered.clone();
+                c.get_or_load(7, || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    // Hold the load open until every caller has arrived, and a bit more.
+                    while waiting.load(Ordering::SeqCst) < 100 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, std::io::Error>(Loaded {
+                        value: Some(val(5)),
+                        read_lsn: 1,
+                    })
+                })
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let got = t.await.expect("task ran").expect("loaded");
+        assert_eq!(got, Some(val(5)));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_too_large_fresher_fill_drops_the_older_entry() {
+    let c = cache(10_000);
+    c.insert_if_fresh(1, val(10), 1).expect("fresh");
+    assert!(c.insert_if_fresh(1, val(20_000), 2).is_err());
+    assert_eq!(c.get(&1), Lookup::Miss);
+}
+
 #[tokio::test]
 async fn single_flight_respects_the_gate_and_caches_absence() {
     let c = cache(1 << 20);
