@@ -10,9 +10,11 @@
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
 //! | [`app`] | the app role: routing, data API handlers, static files |
 //! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine |
+//! | [`cache`] | the byte-bounded, LSN-gated, scan-resistant cache the app and edge roles share |
 //! | [`metrics`] | the Prometheus registry every role reports into |
 
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod http;
