@@ -14,7 +14,7 @@ use super::AppSettings;
 use crate::http::body::{self, Body};
 use crate::http::problem::Problem;
 use crate::storage::{
-    Committed, EngineError, Key, KeyError, ListQuery, Precondition, Record, Store, Write, WriteOp,
+    Committed, Key, KeyError, ListQuery, Precondition, Record, Store, StoreError, Write, WriteOp,
 };
 
 /// Header carrying a write's LSN: the consistency token read replicas will honour.
@@ -32,9 +32,9 @@ fn bad_key(e: KeyError) -> Box<Problem> {
 }
 
 /// Maps a storage failure to the status a client can act on.
-fn storage_problem(e: EngineError) -> Box<Problem> {
+fn storage_problem(e: StoreError) -> Box<Problem> {
     match e {
-        EngineError::PreconditionFailed { key, current, .. } => problem(
+        StoreError::PreconditionFailed { key, current, .. } => problem(
             StatusCode::PRECONDITION_FAILED,
             match current {
                 Some(v) => format!(
@@ -45,13 +45,32 @@ fn storage_problem(e: EngineError) -> Box<Problem> {
                 }
             },
         ),
-        EngineError::InvalidBatch(m) => problem(StatusCode::BAD_REQUEST, m),
-        EngineError::Closed => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage is shutting down; retry shortly",
+        StoreError::InvalidBatch(m) => problem(StatusCode::BAD_REQUEST, m),
+        StoreError::Unavailable(why) => {
+            tracing::warn!(reason = %why, "storage unavailable");
+            Box::new(
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("storage is unavailable ({why}); nothing was changed, retry shortly"),
+                )
+                .with_retry_after(1),
+            )
+        }
+        StoreError::OutcomeUnknown(why) => problem(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the write may or may not have been applied: {why}; read the record before retrying"
+            ),
         ),
-        other => {
-            tracing::error!(error = %other, "storage failure");
+        StoreError::ReadOnly(why) => Box::new(
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("storage takes no writes here: {why}"),
+            )
+            .with_retry_after(1),
+        ),
+        StoreError::Internal(why) => {
+            tracing::error!(error = %why, "storage failure");
             problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "storage failed; the error is in the server log",
@@ -340,7 +359,7 @@ pub async fn patch_record(
             })?;
         if let Some(Precondition::Version(v)) = wanted {
             if v != current.lsn {
-                return Err(storage_problem(EngineError::PreconditionFailed {
+                return Err(storage_problem(StoreError::PreconditionFailed {
                     index: 0,
                     key,
                     current: Some(current.lsn),
@@ -348,7 +367,7 @@ pub async fn patch_record(
             }
         }
         let mut doc: serde_json::Value = serde_json::from_slice(&current.body).map_err(|e| {
-            storage_problem(EngineError::Corrupt(format!(
+            storage_problem(StoreError::Internal(format!(
                 "{key}: stored body is not JSON: {e}"
             )))
         })?;
@@ -364,7 +383,7 @@ pub async fn patch_record(
             .await;
         match outcome {
             Ok(committed) => return Ok(written(&committed, &key, StatusCode::OK)),
-            Err(EngineError::PreconditionFailed { .. }) if wanted.is_none() => continue,
+            Err(StoreError::PreconditionFailed { .. }) if wanted.is_none() => continue,
             Err(e) => return Err(storage_problem(e)),
         }
     }
@@ -392,7 +411,7 @@ pub async fn delete_record(
         .await;
     match outcome {
         Ok(committed) => Ok(written(&committed, &key, StatusCode::OK)),
-        Err(EngineError::PreconditionFailed { current: None, .. }) if explicit.is_none() => {
+        Err(StoreError::PreconditionFailed { current: None, .. }) if explicit.is_none() => {
             Err(problem(StatusCode::NOT_FOUND, format!("no record {key}")))
         }
         Err(e) => Err(storage_problem(e)),
@@ -572,7 +591,7 @@ pub async fn batch(
     }
     let keys: Vec<Key> = writes.iter().map(|w| w.key.clone()).collect();
     let committed = store.write(writes).await.map_err(|e| match e {
-        EngineError::PreconditionFailed { index, key, current } => problem(
+        StoreError::PreconditionFailed { index, key, current } => problem(
             StatusCode::PRECONDITION_FAILED,
             format!(
                 "write {index} ({key}): condition not met (current version {}); nothing was applied",
