@@ -1,11 +1,59 @@
 //! The embedded storage engine: records, the replication log and group commit on sled.
 //!
-//! STUB: the interface is fixed; the implementation is being written (see the engine task).
+//! # Layout
+//!
+//! Everything lives in ONE sled tree (the database's default tree) under one-byte key
+//! prefixes, so that a client batch's record changes and its log entry go into a single
+//! `sled::Batch` and are atomic together:
+//!
+//! | key | value |
+//! |---|---|
+//! | `r` + `collection/id` | the record: `[format=1][lsn][created_ms][updated_ms]` (u64 LE) then the body |
+//! | `l` + LSN (u64 big-endian) | the log entry of one client batch ([`LogEntry::encode`]) |
+//! | `m` + name | metadata: `epoch`, `last_lsn` (u64 big-endian) |
+//!
+//! After a crash the records and the log therefore always agree: either a whole batch
+//! (records + log entry + `last_lsn`) survived or none of it did.
+//!
+//! # Group commit
+//!
+//! One dedicated OS thread (not a tokio worker: every sled call may block) owns all writes.
+//! It takes one request from its channel, drains whatever else is already queued (up to
+//! [`EngineConfig::max_group`]), checks preconditions and applies each client batch as its
+//! own atomic `sled::Batch` — in order, so later batches see earlier ones — then makes the
+//! whole group durable ONCE and only then answers every request.
+//!
+//! "Durable" is `Db::flush()` followed by an `fsync` of sled's data file `<path>/db` and of
+//! any new file in `<path>/blobs`: sled 0.34's flush only issues `sync_file_range` (sled
+//! issue #1452), which neither flushes the drive's cache nor the file's metadata, and sled
+//! writes blob files (nodes larger than ~128 KiB) without syncing them at all. Flushing
+//! happens from the writer thread only (concurrent `flush_async` can deadlock: sled #1308).
+//!
+//! # Reads
+//!
+//! [`Engine::get`] and [`Engine::list`] read sled directly, from any thread: sled serves
+//! them from its page cache without blocking on the writer, so calling them on the async
+//! runtime is fine for cache-resident data. They see a batch as soon as it is applied,
+//! which is up to one group commit (one fsync) before it is acknowledged as durable.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::{Committed, Key, ListPage, ListQuery, Record, Write};
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use tokio::sync::oneshot;
+
+use super::{
+    Committed, Key, ListPage, ListQuery, Precondition, Record, Write, WriteOp, WriteResult,
+};
 
 /// How to open the engine.
 #[derive(Clone, Debug)]
@@ -54,7 +102,8 @@ pub struct EngineStatus {
     pub last_lsn: u64,
     /// LSN of the newest entry known durable.
     pub durable_lsn: u64,
-    /// Oldest LSN still in the log.
+    /// Oldest LSN still in the log. The log holds `first_log_lsn..=last_lsn`; when it is
+    /// empty (a fresh database) this is `last_lsn + 1`.
     pub first_log_lsn: u64,
     /// Current epoch.
     pub epoch: u64,
@@ -64,41 +113,1657 @@ pub struct EngineStatus {
     pub disk_bytes: u64,
 }
 
+/// One client batch as the replication log keeps it: everything a replica needs to apply
+/// the batch exactly as the primary did, in LSN order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The batch's LSN (also its records' version).
+    pub lsn: u64,
+    /// The epoch the batch was written in, so replicas can refuse a deposed primary.
+    pub epoch: u64,
+    /// When the batch was applied (ms since the Unix epoch); its records' `updated_ms`.
+    pub timestamp_ms: u64,
+    /// The batch's changes, in the client's order.
+    pub writes: Vec<LoggedWrite>,
+}
+
+/// One change inside a [`LogEntry`]: the new state of one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedWrite {
+    /// `collection/id`, as [`Key`]'s `Display` prints it (parse back with [`Key::parse`]).
+    pub key: String,
+    /// The record as stored after the write (full state, not a diff, so applying it is
+    /// idempotent); `None` for a delete.
+    pub value: Option<Record>,
+}
+
+/// The engine's Prometheus metrics. Clones share their values, so the metrics module can
+/// register clones of these while the engine keeps updating the originals.
+#[derive(Clone, Debug)]
+pub struct EngineMetrics {
+    /// Client batches made durable by one group commit (one flush + fsync): how well the
+    /// fsync cost is amortised under load.
+    pub group_size: Histogram,
+    /// Seconds one group commit's flush + fsync took; the floor of write latency.
+    pub flush_seconds: Histogram,
+    /// Group commits (flush + fsync rounds) performed.
+    pub groups: Counter,
+    /// Client batches committed (each one log entry / one LSN).
+    pub batches: Counter,
+    /// Individual writes committed, summed over batches.
+    pub writes: Counter,
+    /// Batches refused because a precondition did not hold.
+    pub precondition_failures: Counter,
+}
+
+impl EngineMetrics {
+    fn new() -> Self {
+        EngineMetrics {
+            // 1, 2, 4, ... 512 batches per group.
+            group_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            // 50 µs ... ~1.6 s.
+            flush_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            groups: Counter::default(),
+            batches: Counter::default(),
+            writes: Counter::default(),
+            precondition_failures: Counter::default(),
+        }
+    }
+}
+
+const RECORD_PREFIX: u8 = b'r';
+const LOG_PREFIX: u8 = b'l';
+const META_EPOCH: &[u8] = b"mepoch";
+const META_LAST_LSN: &[u8] = b"mlast_lsn";
+
+/// Log entries removed per truncation pass (one small batch after each group commit).
+const TRUNCATE_CHUNK: u64 = 4096;
+
+/// State shared between the engine handle (readers) and the writer thread.
+struct Shared {
+    db: sled::Db,
+    epoch: AtomicU64,
+    last_lsn: AtomicU64,
+    durable_lsn: AtomicU64,
+    first_log_lsn: AtomicU64,
+    records: AtomicU64,
+    metrics: EngineMetrics,
+}
+
+struct Request {
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Result<Committed, EngineError>>,
+}
+
+enum Msg {
+    Write(Request),
+    Shutdown,
+}
+
 /// The engine handle.
-pub struct Engine {}
+///
+/// Cheap reads (`get`, `list`, `status`, `read_log`) go straight to sled; writes go through
+/// the single group-commit writer thread. Dropping the last handle shuts the writer down
+/// (draining queued writes) like [`Engine::shutdown`].
+pub struct Engine {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Msg>,
+    writer: Mutex<Option<JoinHandle<Result<(), EngineError>>>>,
+    closed: AtomicBool,
+}
+
+fn sled_err(context: &str, e: sled::Error) -> EngineError {
+    match e {
+        sled::Error::Corruption { .. } => EngineError::Corrupt(format!("{context}: {e}")),
+        other => EngineError::Io(format!("{context}: {other}")),
+    }
+}
+
+fn io_err(context: &str, e: std::io::Error) -> EngineError {
+    EngineError::Io(format!("{context}: {e}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn record_key(key: &Key) -> Vec<u8> {
+    let (c, i) = (key.collection().as_bytes(), key.id().as_bytes());
+    let mut k = Vec::with_capacity(2 + c.len() + i.len());
+    k.push(RECORD_PREFIX);
+    k.extend_from_slice(c);
+    k.push(b'/');
+    k.extend_from_slice(i);
+    k
+}
+
+fn log_key(lsn: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = LOG_PREFIX;
+    k[1..].copy_from_slice(&lsn.to_be_bytes());
+    k
+}
+
+fn decode_log_key(k: &[u8]) -> Result<u64, EngineError> {
+    match k {
+        [LOG_PREFIX, rest @ ..] => rest
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| EngineError::Corrupt(format!("log key of {} bytes", k.len()))),
+        _ => Err(EngineError::Corrupt("log key without log prefix".into())),
+    }
+}
+
+fn decode_meta_u64(name: &str, v: &[u8]) -> Result<u64, EngineError> {
+    v.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| EngineError::Corrupt(format!("metadata {name}: {} bytes, want 8", v.len())))
+}
+
+/// Bounds-checked little-endian reader over stored bytes: every short read is a
+/// `Corrupt` error naming what was being decoded, never a panic.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'a str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], what: &'a str) -> Self {
+        Reader { buf, pos: 0, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], EngineError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        match end {
+            Some(end) => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(EngineError::Corrupt(format!(
+                "{}: truncated at byte {} (need {n} more of {})",
+                self.what,
+                self.pos,
+                self.buf.len()
+            ))),
+        }
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], EngineError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, EngineError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, EngineError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, EngineError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, EngineError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn len_u64(&mut self) -> Result<usize, EngineError> {
+        let n = self.u64()?;
+        usize::try_from(n).map_err(|_| EngineError::Corrupt(format!("{}: length {n}", self.what)))
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn corrupt(&self, msg: impl std::fmt::Display) -> EngineError {
+        EngineError::Corrupt(format!("{}: {msg}", self.what))
+    }
+}
+
+const RECORD_FORMAT: u8 = 1;
+/// Format byte + lsn + created_ms + updated_ms; the body follows.
+const RECORD_HEADER: usize = 1 + 8 + 8 + 8;
+
+/// Stored record layout: `[format=1][lsn u64 LE][created_ms u64 LE][updated_ms u64 LE][body]`.
+/// The body is the tail so reads can hand it out without copying.
+fn encode_record(r: &Record) -> Vec<u8> {
+    let mut v = Vec::with_capacity(RECORD_HEADER + r.body.len());
+    v.push(RECORD_FORMAT);
+    v.extend_from_slice(&r.lsn.to_le_bytes());
+    v.extend_from_slice(&r.created_ms.to_le_bytes());
+    v.extend_from_slice(&r.updated_ms.to_le_bytes());
+    v.extend_from_slice(&r.body);
+    v
+}
+
+fn decode_record(value: sled::IVec, what: &str) -> Result<Record, EngineError> {
+    let mut r = Reader::new(&value, what);
+    let format = r.u8()?;
+    if format != RECORD_FORMAT {
+        return Err(r.corrupt(format!("unknown record format {format}")));
+    }
+    let lsn = r.u64()?;
+    let created_ms = r.u64()?;
+    let updated_ms = r.u64()?;
+    // Zero-copy: the body is a view into sled's buffer.
+    let body = Bytes::from_owner(value).slice(RECORD_HEADER..);
+    Ok(Record {
+        body,
+        lsn,
+        created_ms,
+        updated_ms,
+    })
+}
+
+const LOG_FORMAT: u8 = 1;
+/// Format byte + crc32; the checksummed payload follows.
+const LOG_HEADER: usize = 1 + 4;
+
+impl LogEntry {
+    /// Serializes the entry as the engine stores it (and as it can be shipped to replicas):
+    /// `[format=1][crc32 u32 LE of the rest][epoch][lsn][timestamp_ms][count u32]` then per
+    /// write `[key_len u16][key][0 = delete | 1 = put]` and for a put
+    /// `[lsn][created_ms][updated_ms][body_len u64][body]`; integers little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let size: usize = self
+            .writes
+            .iter()
+            .map(|w| 3 + w.key.len() + w.value.as_ref().map_or(0, |r| 32 + r.body.len()))
+            .sum();
+        let mut v = Vec::with_capacity(LOG_HEADER + 28 + size);
+        v.push(LOG_FORMAT);
+        v.extend_from_slice(&[0; 4]);
+        v.extend_from_slice(&self.epoch.to_le_bytes());
+        v.extend_from_slice(&self.lsn.to_le_bytes());
+        v.extend_from_slice(&self.timestamp_ms.to_le_bytes());
+        // Batches and keys are far below these limits (keys are at most 193 bytes).
+        let count = u32::try_from(self.writes.len()).unwrap_or(u32::MAX);
+        v.extend_from_slice(&count.to_le_bytes());
+        for w in self.writes.iter().take(count as usize) {
+            let key = w.key.as_bytes();
+            let key = &key[..key.len().min(u16::MAX as usize)];
+            v.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            v.extend_from_slice(key);
+            match &w.value {
+                None => v.push(0),
+                Some(r) => {
+                    v.push(1);
+                    v.extend_from_slice(&r.lsn.to_le_bytes());
+                    v.extend_from_slice(&r.created_ms.to_le_bytes());
+                    v.extend_from_slice(&r.updated_ms.to_le_bytes());
+                    v.extend_from_slice(&(r.body.len() as u64).to_le_bytes());
+                    v.extend_from_slice(&r.body);
+                }
+            }
+        }
+        let crc = crc32fast::hash(&v[LOG_HEADER..]);
+        v[1..LOG_HEADER].copy_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    /// Parses an entry produced by [`LogEntry::encode`], verifying its checksum and that
+    /// every key is a valid `collection/id`; any mismatch is [`EngineError::Corrupt`].
+    pub fn decode(bytes: &[u8]) -> Result<LogEntry, EngineError> {
+        let mut r = Reader::new(bytes, "log entry");
+        let format = r.u8()?;
+        if format != LOG_FORMAT {
+            return Err(r.corrupt(format!("unknown log format {format}")));
+        }
+        let stored = r.u32()?;
+        let actual = crc32fast::hash(&bytes[LOG_HEADER..]);
+        if stored != actual {
+            return Err(r.corrupt(format!(
+                "checksum mismatch (stored {stored:08x}, computed {actual:08x})"
+            )));
+        }
+        let epoch = r.u64()?;
+        let lsn = r.u64()?;
+        let timestamp_ms = r.u64()?;
+        let count = r.u32()? as usize;
+        // Each write takes at least 3 bytes: never trust `count` for the allocation.
+        let mut writes = Vec::with_capacity(count.min(r.remaining() / 3));
+        for _ in 0..count {
+            let key_len = r.u16()? as usize;
+            let key =
+                std::str::from_utf8(r.take(key_len)?).map_err(|_| r.corrupt("key is not UTF-8"))?;
+            Key::parse(key).map_err(|e| r.corrupt(format!("key {key:?}: {e}")))?;
+            let value = match r.u8()? {
+                0 => None,
+                1 => {
+                    let lsn = r.u64()?;
+                    let created_ms = r.u64()?;
+                    let updated_ms = r.u64()?;
+                    let len = r.len_u64()?;
+                    let body = Bytes::copy_from_slice(r.take(len)?);
+                    Some(Record {
+                        body,
+                        lsn,
+                        created_ms,
+                        updated_ms,
+                    })
+                }
+                tag => return Err(r.corrupt(format!("unknown write tag {tag}"))),
+            };
+            writes.push(LoggedWrite {
+                key: key.to_owned(),
+                value,
+            });
+        }
+        if r.remaining() != 0 {
+            return Err(r.corrupt(format!("{} trailing bytes", r.remaining())));
+        }
+        Ok(LogEntry {
+            lsn,
+            epoch,
+            timestamp_ms,
+            writes,
+        })
+    }
+}
+
+/// Refuses batches the writer must never see: empty, or naming a key twice (the
+/// per-write results and preconditions would be ambiguous).
+fn validate_batch(writes: &[Write]) -> Result<(), EngineError> {
+    if writes.is_empty() {
+        return Err(EngineError::InvalidBatch(
+            "a batch needs at least one write".into(),
+        ));
+    }
+    if writes.len() > 1 {
+        let mut seen = HashSet::with_capacity(writes.len());
+        for w in writes {
+            if !seen.insert(&w.key) {
+                return Err(EngineError::InvalidBatch(format!(
+                    "key {} appears more than once",
+                    w.key
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sync_path(path: &Path) -> Result<(), EngineError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(&format!("fsync {}", path.display()), e))
+}
 
 impl Engine {
     /// Opens (or creates) the database and starts the group-commit writer.
-    pub fn open(_config: EngineConfig) -> Result<Arc<Engine>, EngineError> {
-        Err(EngineError::Io("engine not implemented yet".into()))
+    ///
+    /// Recovers `last_lsn` from the `last_lsn` metadata (written in every batch) and the
+    /// newest log key, counts the records, and makes sled's files and directory entries
+    /// durable once so that later fsyncs of the data file are sufficient.
+    pub fn open(config: EngineConfig) -> Result<Arc<Engine>, EngineError> {
+        let path = config.path.clone();
+        std::fs::create_dir_all(&path)
+            .map_err(|e| io_err(&format!("create {}", path.display()), e))?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(config.cache_bytes)
+            .open()
+            .map_err(|e| sled_err(&format!("open sled at {}", path.display()), e))?;
+
+        let epoch = match db.get(META_EPOCH).map_err(|e| sled_err("read epoch", e))? {
+            Some(v) => decode_meta_u64("epoch", &v)?,
+            None => {
+                db.insert(META_EPOCH, &1u64.to_be_bytes())
+                    .map_err(|e| sled_err("write epoch", e))?;
+                1
+            }
+        };
+
+        let meta_last = match db
+            .get(META_LAST_LSN)
+            .map_err(|e| sled_err("read last_lsn", e))?
+        {
+            Some(v) => decode_meta_u64("last_lsn", &v)?,
+            None => 0,
+        };
+        let mut log_keys = db.scan_prefix([LOG_PREFIX]).keys();
+        let first_log = log_keys
+            .next()
+            .transpose()
+            .map_err(|e| sled_err("scan log", e))?
+            .map(|k| decode_log_key(&k))
+            .transpose()?;
+        let newest_log = log_keys
+            .next_back()
+            .transpose()
+            .map_err(|e| sled_err("scan log", e))?
+            .map(|k| decode_log_key(&k))
+            .transpose()?;
+        let last_lsn = meta_last.max(newest_log.or(first_log).unwrap_or(0));
+        let first_log_lsn = first_log.unwrap_or(last_lsn + 1);
+
+        // Continue timestamps monotonically from the newest entry when the clock went back.
+        let last_ts = match db.get(log_key(last_lsn)) {
+            Ok(Some(v)) => LogEntry::decode(&v).map_or(0, |e| e.timestamp_ms),
+            _ => 0,
+        };
+
+        let mut records = 0u64;
+        for k in db.scan_prefix([RECORD_PREFIX]).keys() {
+            k.map_err(|e| sled_err("count records", e))?;
+            records += 1;
+        }
+
+        // Our own handle on sled's data file, for the fsync sled's flush leaves out.
+        let db_path = path.join("db");
+        let db_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&db_path)
+            .map_err(|e| io_err(&format!("open {}", db_path.display()), e))?;
+
+        let shared = Arc::new(Shared {
+            db,
+            epoch: AtomicU64::new(epoch),
+            last_lsn: AtomicU64::new(last_lsn),
+            durable_lsn: AtomicU64::new(last_lsn),
+            first_log_lsn: AtomicU64::new(first_log_lsn),
+            records: AtomicU64::new(records),
+            metrics: EngineMetrics::new(),
+        });
+
+        let mut writer = Writer {
+            shared: shared.clone(),
+            rx: None,
+            max_group: config.max_group.max(1),
+            retention: config.log_retention,
+            path: path.clone(),
+            db_file,
+            synced_blobs: HashSet::new(),
+            last_ts,
+            failed: None,
+        };
+        // sled writes `conf` and creates `blobs/` without syncing them or the directory.
+        writer.make_durable()?;
+        sync_path(&path.join("conf"))?;
+        sync_path(&path)?;
+
+        let (tx, rx) = mpsc::channel();
+        writer.rx = Some(rx);
+        let handle = std::thread::Builder::new()
+            .name("strata-engine-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| io_err("spawn writer thread", e))?;
+
+        Ok(Arc::new(Engine {
+            shared,
+            tx,
+            writer: Mutex::new(Some(handle)),
+            closed: AtomicBool::new(false),
+        }))
     }
 
     /// Applies a batch atomically, durably; resolves once flushed and fsynced.
-    pub async fn write(&self, _writes: Vec<Write>) -> Result<Committed, EngineError> {
-        Err(EngineError::Closed)
+    ///
+    /// The batch is checked (non-empty, no key twice), then queued to the writer thread,
+    /// which checks every precondition against the current state and applies all or
+    /// nothing. Dropping the future does not cancel a queued batch.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<Committed, EngineError> {
+        validate_batch(&writes)?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::Closed);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Write(Request { writes, reply }))
+            .map_err(|_| EngineError::Closed)?;
+        // The writer drops unanswered requests only when it stops.
+        answer.await.map_err(|_| EngineError::Closed)?
     }
 
     /// Reads one record.
-    pub fn get(&self, _key: &Key) -> Result<Option<Record>, EngineError> {
-        Ok(None)
+    pub fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+        let value = self
+            .shared
+            .db
+            .get(record_key(key))
+            .map_err(|e| sled_err(&format!("get {key}"), e))?;
+        value
+            .map(|v| decode_record(v, &format!("record {key}")))
+            .transpose()
     }
 
     /// Lists a collection in id order.
-    pub fn list(&self, _collection: &str, _query: &ListQuery) -> Result<ListPage, EngineError> {
-        Ok(ListPage {
+    ///
+    /// Returns ids starting with `query.prefix` and greater than `query.after`, at most
+    /// `query.limit` of them; `next` is the last id returned when more follow. A name
+    /// that is not a valid collection holds no records, so it lists as empty.
+    pub fn list(&self, collection: &str, query: &ListQuery) -> Result<ListPage, EngineError> {
+        let empty = ListPage {
             items: vec![],
             next: None,
-        })
+        };
+        if query.limit == 0 || Key::check_collection(collection).is_err() {
+            return Ok(empty);
+        }
+        let mut base = Vec::with_capacity(2 + collection.len() + query.prefix.len());
+        base.push(RECORD_PREFIX);
+        base.extend_from_slice(collection.as_bytes());
+        base.push(b'/');
+        let id_start = base.len();
+        let mut with_prefix = base.clone();
+        with_prefix.extend_from_slice(query.prefix.as_bytes());
+
+        let start = match &query.after {
+            Some(after) if after.as_bytes() >= query.prefix.as_bytes() => {
+                let mut k = base;
+                k.extend_from_slice(after.as_bytes());
+                Bound::Excluded(k)
+            }
+            _ => Bound::Included(with_prefix.clone()),
+        };
+
+        let mut items = Vec::with_capacity(query.limit.min(1024));
+        let mut more = false;
+        for kv in self
+            .shared
+            .db
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+        {
+            let (k, v) = kv.map_err(|e| sled_err(&format!("list {collection}"), e))?;
+            if !k.starts_with(&with_prefix) {
+                break;
+            }
+            if items.len() == query.limit {
+                more = true;
+                break;
+            }
+            let id = std::str::from_utf8(&k[id_start..])
+                .map_err(|_| EngineError::Corrupt(format!("record id in {collection} not UTF-8")))?
+                .to_owned();
+            let record = decode_record(v, &format!("record {collection}/{id}"))?;
+            items.push((id, record));
+        }
+        let next = if more {
+            items.last().map(|(id, _)| id.clone())
+        } else {
+            None
+        };
+        Ok(ListPage { items, next })
+    }
+
+    /// Reads durable log entries with `lsn >= from_lsn`, oldest first, at most
+    /// `max_entries` — what a replica pulls to catch up.
+    ///
+    /// Only entries up to `durable_lsn` are returned (a replica must never get ahead of
+    /// what the primary could lose). Each entry's checksum is verified. If the first
+    /// entry returned has an LSN above `from_lsn` (or `from_lsn < first_log_lsn` in
+    /// [`Engine::status`]), the entries in between were truncated and the replica needs a
+    /// full resync.
+    pub fn read_log(
+        &self,
+        from_lsn: u64,
+        max_entries: usize,
+    ) -> Result<Vec<LogEntry>, EngineError> {
+        let durable = self.shared.durable_lsn.load(Ordering::Acquire);
+        let from = from_lsn.max(1);
+        if from > durable || max_entries == 0 {
+            return Ok(vec![]);
+        }
+        let mut out = Vec::with_capacity(max_entries.min(1024));
+        for kv in self
+            .shared
+            .db
+            .range(log_key(from)..=log_key(durable))
+            .take(max_entries)
+        {
+            let (k, v) = kv.map_err(|e| sled_err("read log", e))?;
+            let lsn = decode_log_key(&k)?;
+            let entry = LogEntry::decode(&v).map_err(|e| match e {
+                EngineError::Corrupt(m) => EngineError::Corrupt(format!("lsn {lsn}: {m}")),
+                other => other,
+            })?;
+            if entry.lsn != lsn {
+                return Err(EngineError::Corrupt(format!(
+                    "log key {lsn} holds entry for lsn {}",
+                    entry.lsn
+                )));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// The current epoch (stored in metadata, 1 for a new database); stamped on every
+    /// log entry so replicas can tell which primary wrote it.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// The engine's metrics; register clones of its fields with a Prometheus registry.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.shared.metrics
     }
 
     /// Current status.
     pub fn status(&self) -> EngineStatus {
-        EngineStatus::default()
+        let s = &self.shared;
+        EngineStatus {
+            last_lsn: s.last_lsn.load(Ordering::Acquire),
+            durable_lsn: s.durable_lsn.load(Ordering::Acquire),
+            first_log_lsn: s.first_log_lsn.load(Ordering::Acquire),
+            epoch: s.epoch.load(Ordering::Acquire),
+            records: s.records.load(Ordering::Acquire),
+            disk_bytes: s.db.size_on_disk().unwrap_or(0),
+        }
     }
 
     /// Stops the writer after draining queued writes and makes everything durable.
+    ///
+    /// Later writes fail with [`EngineError::Closed`]; reads keep working. Blocks until
+    /// the writer has finished (from async code, call it via `spawn_blocking`). Calling
+    /// it again is a no-op returning `Ok`.
     pub fn shutdown(&self) -> Result<(), EngineError> {
+        self.closed.store(true, Ordering::Release);
+        let handle = match self.writer.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(handle) = handle else {
+            return Ok(());
+        };
+        // If the writer already died the send fails; join reports why.
+        let _ = self.tx.send(Msg::Shutdown);
+        match handle.join() {
+            Ok(result) => result,
+            Err(_) => Err(EngineError::Io("engine writer thread panicked".into())),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::error!(error = %e, "storage engine shutdown on drop failed");
+        }
+    }
+}
+
+/// The group-commit writer; lives on its own OS thread and is the only code that writes
+/// to sled or flushes it.
+struct Writer {
+    shared: Arc<Shared>,
+    rx: Option<mpsc::Receiver<Msg>>,
+    max_group: usize,
+    retention: u64,
+    path: PathBuf,
+    db_file: File,
+    /// Blob files already fsynced (sled names them by LSN and deletes them on GC).
+    synced_blobs: HashSet<OsString>,
+    /// Newest timestamp handed out, so timestamps never go backwards.
+    last_ts: u64,
+    /// Set when making a group durable failed: what reached the disk is then unknown, so
+    /// the engine refuses further writes rather than acknowledge on top of it.
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self) -> Result<(), EngineError> {
+        let Some(rx) = self.rx.take() else {
+            return Err(EngineError::Io("writer started without a channel".into()));
+        };
+        loop {
+            let mut group = Vec::new();
+            let mut stop = match rx.recv() {
+                Ok(Msg::Write(req)) => {
+                    group.push(req);
+                    false
+                }
+                Ok(Msg::Shutdown) | Err(_) => true,
+            };
+            while !stop && group.len() < self.max_group {
+                match rx.try_recv() {
+                    Ok(Msg::Write(req)) => group.push(req),
+                    Ok(Msg::Shutdown) => stop = true,
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
+            if stop {
+                // Requests queued behind the shutdown are dropped with `rx`: their
+                // callers see `Closed`, and nothing of them was applied.
+                return match &self.failed {
+                    Some(msg) => Err(EngineError::Io(msg.clone())),
+                    None => self.make_durable(),
+                };
+            }
+            self.truncate_log();
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<Request>) {
+        let mut answers = Vec::with_capacity(group.len());
+        let mut applied = 0u64;
+        for req in group {
+            let result = match &self.failed {
+                Some(msg) => Err(EngineError::Io(msg.clone())),
+                None => self.apply(req.writes),
+            };
+            if result.is_ok() {
+                applied += 1;
+            }
+            answers.push((req.reply, result));
+        }
+        if applied > 0 {
+            let m = &self.shared.metrics;
+            m.groups.inc();
+            m.group_size.observe(applied as f64);
+            match self.make_durable() {
+                Ok(()) => {
+                    let last = self.shared.last_lsn.load(Ordering::Acquire);
+                    self.shared.durable_lsn.store(last, Ordering::Release);
+                }
+                Err(e) => {
+                    let msg =
+                        format!("making writes durable failed, engine takes no more writes: {e}");
+                    tracing::error!("{msg}");
+                    for (_, result) in &mut answers {
+                        if result.is_ok() {
+                            *result = Err(EngineError::Io(msg.clone()));
+                        }
+                    }
+                    self.failed = Some(msg);
+                }
+            }
+        }
+        for (reply, result) in answers {
+            // The caller may have gone away; the batch stays committed regardless.
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Checks one client batch's preconditions and applies it as one `sled::Batch`
+    /// (records + log entry + `last_lsn`). Not yet durable when it returns.
+    fn apply(&mut self, writes: Vec<Write>) -> Result<Committed, EngineError> {
+        let db = &self.shared.db;
+        let mut current = Vec::with_capacity(writes.len());
+        for (index, w) in writes.iter().enumerate() {
+            let rk = record_key(&w.key);
+            let cur = db
+                .get(&rk)
+                .map_err(|e| sled_err(&format!("get {}", w.key), e))?
+                .map(|v| decode_record(v, &format!("record {}", w.key)))
+                .transpose()?;
+            let ok = match w.precondition {
+                Precondition::None => true,
+                Precondition::Exists => cur.is_some(),
+                Precondition::Absent => cur.is_none(),
+                Precondition::Version(v) => cur.as_ref().is_some_and(|r| r.lsn == v),
+            };
+            if !ok {
+                self.shared.metrics.precondition_failures.inc();
+                return Err(EngineError::PreconditionFailed {
+                    index,
+                    key: w.key.clone(),
+                    current: cur.map(|r| r.lsn),
+                });
+            }
+            current.push((rk, cur));
+        }
+
+        let lsn = self.shared.last_lsn.load(Ordering::Acquire) + 1;
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let ts = now_ms().max(self.last_ts);
+
+        let mut batch = sled::Batch::default();
+        let mut results = Vec::with_capacity(writes.len());
+        let mut logged = Vec::with_capacity(writes.len());
+        let mut delta: i64 = 0;
+        for (w, (rk, cur)) in writes.iter().zip(current) {
+            let existed = cur.is_some();
+            let record = match &w.op {
+                WriteOp::Put(body) => {
+                    let record = Record {
+                        body: body.clone(),
+                        lsn,
+                        created_ms: cur.map_or(ts, |r| r.created_ms),
+                        updated_ms: ts,
+                    };
+                    batch.insert(rk, encode_record(&record));
+                    if !existed {
+                        delta += 1;
+                    }
+                    Some(record)
+                }
+                WriteOp::Delete => {
+                    batch.remove(rk);
+                    if existed {
+                        delta -= 1;
+                    }
+                    None
+                }
+            };
+            logged.push(LoggedWrite {
+                key: w.key.to_string(),
+                value: record.clone(),
+            });
+            results.push(WriteResult {
+                created: !existed && record.is_some(),
+                record,
+            });
+        }
+        let entry = LogEntry {
+            lsn,
+            epoch,
+            timestamp_ms: ts,
+            writes: logged,
+        };
+        batch.insert(&log_key(lsn), entry.encode());
+        batch.insert(META_LAST_LSN, &lsn.to_be_bytes());
+        db.apply_batch(batch)
+            .map_err(|e| sled_err(&format!("apply batch lsn {lsn}"), e))?;
+
+        self.last_ts = ts;
+        self.shared.last_lsn.store(lsn, Ordering::Release);
+        if delta >= 0 {
+            self.shared
+                .records
+                .fetch_add(delta as u64, Ordering::AcqRel);
+        } else {
+            self.shared
+                .records
+                .fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
+        }
+        let m = &self.shared.metrics;
+        m.batches.inc();
+        m.writes.inc_by(writes.len() as u64);
+        Ok(Committed {
+            lsn,
+            epoch,
+            results,
+        })
+    }
+
+    /// `Db::flush` (sync_file_range only), then fsync new blob files, the blob directory
+    /// and the data file. Only after this may a write be acknowledged.
+    fn make_durable(&mut self) -> Result<(), EngineError> {
+        let started = Instant::now();
+        self.shared.db.flush().map_err(|e| sled_err("flush", e))?;
+        self.sync_blobs()?;
+        self.db_file
+            .sync_data()
+            .map_err(|e| io_err("fsync sled data file", e))?;
+        self.shared
+            .metrics
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// sled writes a node bigger than a quarter segment (~128 KiB) to `blobs/<lsn>` with
+    /// plain writes and never syncs it; fsync every blob file not synced yet, and the
+    /// directory when new ones appeared.
+    fn sync_blobs(&mut self) -> Result<(), EngineError> {
+        let dir = self.path.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("list sled blobs", e)),
+        };
+        let mut present = HashMap::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("list sled blobs", e))?;
+            present.insert(entry.file_name(), entry.path());
+        }
+        let mut new_files = false;
+        for (name, path) in &present {
+            if self.synced_blobs.contains(name) {
+                continue;
+            }
+            match File::open(path).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                // Garbage-collected by sled between listing and opening.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&format!("fsync blob {}", path.display()), e)),
+            }
+            self.synced_blobs.insert(name.clone());
+            new_files = true;
+        }
+        self.synced_blobs.retain(|n| present.contains_key(n));
+        if new_files {
+            sync_path(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes log entries older than `last_lsn - retention`, a bounded chunk at a time.
+    /// LSNs are dense, so the keys to remove are known without reading. The removal rides
+    /// along with the next group's fsync; losing it in a crash only delays it.
+    fn truncate_log(&mut self) {
+        let last = self.shared.last_lsn.load(Ordering::Acquire);
+        let Some(cutoff) = last.checked_sub(self.retention) else {
+            return;
+        };
+        let first = self.shared.first_log_lsn.load(Ordering::Acquire);
+        if first >= cutoff {
+            return;
+        }
+        let end = cutoff.min(first.saturating_add(TRUNCATE_CHUNK));
+        let mut batch = sled::Batch::default();
+        for lsn in first..end {
+            batch.remove(&log_key(lsn));
+        }
+        // Advance first_log_lsn before removing so readers never expect a removed entry.
+        self.shared.first_log_lsn.store(end, Ordering::Release);
+        if let Err(e) = self.shared.db.apply_batch(batch) {
+            tracing::warn!(error = %e, "log truncation failed; will retry");
+            self.shared.first_log_lsn.store(first, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> EngineConfig {
+        EngineConfig {
+            path: dir.join("data"),
+            log_retention: 1_000_000,
+            max_group: 128,
+            cache_bytes: 16 << 20,
+        }
+    }
+
+    fn open(dir: &Path) -> Arc<Engine> {
+        Engine::open(config(dir)).expect("open engine")
+    }
+
+    fn key(c: &str, i: &str) -> Key {
+        Key::new(c, i).expect("valid key")
+    }
+
+    fn put(k: &Key, body: &str, precondition: Precondition) -> Write {
+        Write {
+            key: k.clone(),
+            op: WriteOp::Put(Bytes::copy_from_slice(body.as_bytes())),
+            precondition,
+        }
+    }
+
+    fn del(k: &Key, precondition: Precondition) -> Write {
+        Write {
+            key: k.clone(),
+            op: WriteOp::Delete,
+            precondition,
+        }
+    }
+
+    #[tokio::test]
+    async fn put_get_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let k = key("notes", "a");
+        assert_eq!(engine.get(&k).unwrap(), None);
+
+        let c = engine
+            .write(vec![put(&k, "{\"v\":1}", Precondition::None)])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 1);
+        assert_eq!(c.epoch, 1);
+        assert!(c.results[0].created);
+        let r1 = engine.get(&k).unwrap().unwrap();
+        assert_eq!(r1.body, Bytes::from_static(b"{\"v\":1}"));
+        assert_eq!(r1.lsn, 1);
+        assert_eq!(Some(&r1), c.results[0].record.as_ref());
+        assert_eq!(engine.status().records, 1);
+
+        let c = engine
+            .write(vec![put(&k, "{\"v\":2}", Precondition::None)])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 2);
+        assert!(!c.results[0].created);
+        let r2 = engine.get(&k).unwrap().unwrap();
+        assert_eq!(r2.body, Bytes::from_static(b"{\"v\":2}"));
+        assert_eq!(r2.lsn, 2);
+        assert_eq!(r2.created_ms, r1.created_ms, "created_ms survives updates");
+        assert!(r2.updated_ms >= r1.updated_ms);
+        assert_eq!(engine.status().records, 1);
+
+        let c = engine
+            .write(vec![del(&k, Precondition::None)])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 3);
+        assert_eq!(
+            c.results[0],
+            WriteResult {
+                record: None,
+                created: false
+            }
+        );
+        assert_eq!(engine.get(&k).unwrap(), None);
+        assert_eq!(engine.status().records, 0);
+
+        // Deleting an absent key without a precondition is allowed (and logged).
+        let c = engine
+            .write(vec![del(&k, Precondition::None)])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 4);
+        assert_eq!(
+            c.results[0],
+            WriteResult {
+                record: None,
+                created: false
+            }
+        );
+        let st = engine.status();
+        assert_eq!(
+            (st.last_lsn, st.durable_lsn, st.records, st.epoch),
+            (4, 4, 0, 1)
+        );
+        assert!(st.disk_bytes > 0);
+        engine.shutdown().unwrap();
+    }
+
+    #[tokio::test]
+    async fn invalid_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let k = key("c", "x");
+        assert!(matches!(
+            engine.write(vec![]).await,
+            Err(EngineError::InvalidBatch(_))
+        ));
+        let dup = vec![
+            put(&k, "1", Precondition::None),
+            del(&k, Precondition::None),
+        ];
+        assert!(matches!(
+            engine.write(dup).await,
+            Err(EngineError::InvalidBatch(_))
+        ));
+        assert_eq!(engine.status().last_lsn, 0);
+    }
+
+    #[tokio::test]
+    async fn preconditions() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let k = key("c", "k");
+
+        let fail = |r: Result<Committed, EngineError>, want_current: Option<u64>| match r {
+            Err(EngineError::PreconditionFailed {
+                index,
+                key,
+                current,
+            }) => {
+                assert_eq!(index, 0);
+                assert_eq!(key, k);
+                assert_eq!(current, want_current);
+            }
+            other => panic!("expected precondition failure, got {other:?}"),
+        };
+
+        // Absent key.
+        fail(
+            engine.write(vec![put(&k, "1", Precondition::Exists)]).await,
+            None,
+        );
+        fail(
+            engine
+                .write(vec![put(&k, "1", Precondition::Version(1))])
+                .await,
+            None,
+        );
+        fail(
+            engine.write(vec![del(&k, Precondition::Exists)]).await,
+            None,
+        );
+        let c = engine
+            .write(vec![put(&k, "1", Precondition::Absent)])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 1);
+
+        // Present at version 1.
+        fail(
+            engine.write(vec![put(&k, "2", Precondition::Absent)]).await,
+            Some(1),
+        );
+        fail(
+            engine
+                .write(vec![put(&k, "2", Precondition::Version(7))])
+                .await,
+            Some(1),
+        );
+        let c = engine
+            .write(vec![put(&k, "2", Precondition::Exists)])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 2);
+        fail(
+            engine
+                .write(vec![put(&k, "3", Precondition::Version(1))])
+                .await,
+            Some(2),
+        );
+        let c = engine
+            .write(vec![put(&k, "3", Precondition::Version(2))])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 3);
+        fail(
+            engine.write(vec![del(&k, Precondition::Version(2))]).await,
+            Some(3),
+        );
+        let c = engine
+            .write(vec![del(&k, Precondition::Version(3))])
+            .await
+            .unwrap();
+        assert_eq!(c.lsn, 4);
+        assert_eq!(engine.metrics().precondition_failures.get(), 7);
+        assert_eq!(
+            engine.read_log(1, 100).unwrap().len(),
+            4,
+            "failures are not logged"
+        );
+    }
+
+    #[tokio::test]
+    async fn batch_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let (a, b, c) = (key("c", "a"), key("c", "b"), key("c", "c"));
+        engine
+            .write(vec![put(&a, "a1", Precondition::None)])
+            .await
+            .unwrap();
+
+        let batch = vec![
+            put(&b, "b1", Precondition::Absent),
+            put(&a, "a2", Precondition::Version(1)),
+            put(&c, "c1", Precondition::Exists), // fails: c is absent
+        ];
+        match engine.write(batch).await {
+            Err(EngineError::PreconditionFailed {
+                index: 2,
+                key,
+                current: None,
+            }) => {
+                assert_eq!(key, c)
+            }
+            other => panic!("expected failure at index 2, got {other:?}"),
+        }
+        assert_eq!(engine.get(&b).unwrap(), None);
+        assert_eq!(
+            engine.get(&a).unwrap().unwrap().body,
+            Bytes::from_static(b"a1")
+        );
+        let st = engine.status();
+        assert_eq!((st.last_lsn, st.records), (1, 1));
+        assert_eq!(
+            engine.read_log(1, 100).unwrap().len(),
+            1,
+            "no log entry written"
+        );
+
+        // The same batch with a satisfiable precondition applies as one entry.
+        let batch = vec![
+            put(&b, "b1", Precondition::Absent),
+            put(&a, "a2", Precondition::Version(1)),
+            put(&c, "c1", Precondition::Absent),
+        ];
+        let done = engine.write(batch).await.unwrap();
+        assert_eq!(done.lsn, 2);
+        let created: Vec<bool> = done.results.iter().map(|r| r.created).collect();
+        assert_eq!(created, [true, false, true]);
+        for k in [&a, &b, &c] {
+            assert_eq!(engine.get(k).unwrap().unwrap().lsn, 2);
+        }
+        assert_eq!(engine.status().records, 3);
+    }
+
+    #[tokio::test]
+    async fn list_pagination() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let mut writes = vec![];
+        for i in 0..25 {
+            writes.push(put(
+                &key("items", &format!("a{i:02}")),
+                "{}",
+                Precondition::None,
+            ));
+        }
+        for i in 0..5 {
+            writes.push(put(
+                &key("items", &format!("b{i}")),
+                "{}",
+                Precondition::None,
+            ));
+        }
+        // Neighbouring collections must not leak into the listing.
+        writes.push(put(&key("item", "a00"), "{}", Precondition::None));
+        writes.push(put(&key("items-x", "a00"), "{}", Precondition::None));
+        writes.push(put(&key("itemsz", "a00"), "{}", Precondition::None));
+        engine.write(writes).await.unwrap();
+
+        let ids = |p: &ListPage| p.items.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
+        let q = |prefix: &str, after: Option<&str>, limit| ListQuery {
+            prefix: prefix.into(),
+            after: after.map(Into::into),
+            limit,
+        };
+
+        // Whole collection, pages of 10: 30 items.
+        let mut all = vec![];
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = engine.list("items", &q("", after.as_deref(), 10)).unwrap();
+            pages += 1;
+            all.extend(ids(&page));
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(all.len(), 30);
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "id order");
+        assert_eq!(pages, 3, "exactly 30 items: the third page has no next");
+
+        // Prefix + limit.
+        let page = engine.list("items", &q("a", None, 10)).unwrap();
+        assert_eq!(ids(&page).first().map(String::as_str), Some("a00"));
+        assert_eq!(page.next.as_deref(), Some("a09"));
+        let page = engine.list("items", &q("a", Some("a19"), 10)).unwrap();
+        assert_eq!(ids(&page), ["a20", "a21", "a22", "a23", "a24"]);
+        assert_eq!(page.next, None);
+        let page = engine.list("items", &q("a", Some("a14"), 10)).unwrap();
+        assert_eq!(page.items.len(), 10);
+        assert_eq!(page.next, None, "nothing follows a24 within the prefix");
+        let page = engine.list("items", &q("b", None, 100)).unwrap();
+        assert_eq!(ids(&page), ["b0", "b1", "b2", "b3", "b4"]);
+        let page = engine.list("items", &q("a1", None, 100)).unwrap();
+        assert_eq!(page.items.len(), 10);
+        // `after` below the prefix starts at the prefix; above it yields nothing.
+        let page = engine.list("items", &q("b", Some("a99"), 2)).unwrap();
+        assert_eq!(ids(&page), ["b0", "b1"]);
+        assert_eq!(page.next.as_deref(), Some("b1"));
+        assert!(engine
+            .list("items", &q("a", Some("b"), 10))
+            .unwrap()
+            .items
+            .is_empty());
+        // Edge cases.
+        assert!(engine
+            .list("items", &q("", None, 0))
+            .unwrap()
+            .items
+            .is_empty());
+        assert!(engine
+            .list("nothing", &q("", None, 10))
+            .unwrap()
+            .items
+            .is_empty());
+        assert!(engine
+            .list("bad/name", &q("", None, 10))
+            .unwrap()
+            .items
+            .is_empty());
+        assert_eq!(
+            ids(&engine.list("item", &q("", None, 10)).unwrap()),
+            ["a00"]
+        );
+    }
+
+    #[tokio::test]
+    async fn log_entries_match_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let (a, b) = (key("c", "a"), key("c", "b"));
+        let mut lsns = vec![];
+        lsns.push(
+            engine
+                .write(vec![put(&a, "a1", Precondition::None)])
+                .await
+                .unwrap()
+                .lsn,
+        );
+        lsns.push(
+            engine
+                .write(vec![
+                    put(&b, "b1", Precondition::None),
+                    put(&a, "a2", Precondition::None),
+                ])
+                .await
+                .unwrap()
+                .lsn,
+        );
+        lsns.push(
+            engine
+                .write(vec![del(&b, Precondition::Exists)])
+                .await
+                .unwrap()
+                .lsn,
+        );
+        assert_eq!(lsns, [1, 2, 3]);
+
+        let log = engine.read_log(0, 100).unwrap();
+        assert_eq!(log.iter().map(|e| e.lsn).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(log.iter().all(|e| e.epoch == 1));
+        assert!(log
+            .windows(2)
+            .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms));
+        assert_eq!(log[1].writes.len(), 2);
+        assert_eq!(log[1].writes[0].key, "c/b");
+        assert_eq!(
+            log[1].writes[1].value.as_ref(),
+            engine.get(&a).unwrap().as_ref()
+        );
+        assert_eq!(
+            log[2].writes,
+            [LoggedWrite {
+                key: "c/b".into(),
+                value: None
+            }]
+        );
+
+        // Replaying the log reproduces the records.
+        let mut replay = std::collections::BTreeMap::new();
+        for e in &log {
+            for w in &e.writes {
+                match &w.value {
+                    Some(r) => replay.insert(w.key.clone(), r.clone()),
+                    None => replay.remove(&w.key),
+                };
+            }
+        }
+        assert_eq!(replay.len(), 1);
+        assert_eq!(Some(&replay["c/a"]), engine.get(&a).unwrap().as_ref());
+
+        // Paging through read_log.
+        assert_eq!(engine.read_log(2, 1).unwrap()[0].lsn, 2);
+        assert!(engine.read_log(4, 10).unwrap().is_empty());
+        assert!(engine.read_log(1, 0).unwrap().is_empty());
+
+        // Encode/decode round trip, and a flipped byte fails the checksum.
+        let bytes = log[1].encode();
+        assert_eq!(LogEntry::decode(&bytes).unwrap(), log[1]);
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        assert!(matches!(
+            LogEntry::decode(&bad),
+            Err(EngineError::Corrupt(_))
+        ));
+        for cut in 0..bytes.len() {
+            assert!(matches!(
+                LogEntry::decode(&bytes[..cut]),
+                Err(EngineError::Corrupt(_))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_state_and_lsn_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key("c", "persist");
+        let created_ms;
+        {
+            let engine = open(dir.path());
+            for i in 0..5 {
+                engine
+                    .write(vec![put(&k, &format!("{i}"), Precondition::None)])
+                    .await
+                    .unwrap();
+            }
+            engine
+                .write(vec![put(&key("c", "other"), "o", Precondition::None)])
+                .await
+                .unwrap();
+            created_ms = engine.get(&k).unwrap().unwrap().created_ms;
+            engine.shutdown().unwrap();
+            engine.shutdown().unwrap(); // twice is fine
+            let late = engine
+                .write(vec![put(&k, "late", Precondition::None)])
+                .await;
+            assert!(matches!(late, Err(EngineError::Closed)));
+            assert_eq!(
+                engine.get(&k).unwrap().unwrap().lsn,
+                5,
+                "reads survive shutdown"
+            );
+        }
+        {
+            let engine = open(dir.path());
+            let st = engine.status();
+            assert_eq!((st.last_lsn, st.durable_lsn, st.first_log_lsn), (6, 6, 1));
+            assert_eq!((st.records, st.epoch), (2, 1));
+            let r = engine.get(&k).unwrap().unwrap();
+            assert_eq!(
+                (r.body, r.lsn, r.created_ms),
+                (Bytes::from_static(b"4"), 5, created_ms)
+            );
+            let c = engine
+                .write(vec![put(&k, "5", Precondition::Version(5))])
+                .await
+                .unwrap();
+            assert_eq!(c.lsn, 7);
+            assert_eq!(c.results[0].record.as_ref().unwrap().created_ms, created_ms);
+            assert_eq!(engine.read_log(1, 100).unwrap().len(), 7);
+            // Dropped without shutdown: Drop drains and syncs.
+        }
+        let engine = open(dir.path());
+        assert_eq!(engine.status().last_lsn, 7);
+        assert_eq!(engine.get(&k).unwrap().unwrap().lsn, 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_are_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let mut tasks = vec![];
+        for t in 0..50 {
+            let engine = engine.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lsns = vec![];
+                for i in 0..20 {
+                    let k = key("load", &format!("t{t:02}-{i:02}"));
+                    let c = engine
+                        .write(vec![put(&k, "{}", Precondition::Absent)])
+                        .await
+                        .unwrap();
+                    lsns.push(c.lsn);
+                }
+                assert!(
+                    lsns.windows(2).all(|w| w[0] < w[1]),
+                    "a task's writes are ordered"
+                );
+                lsns
+            }));
+        }
+        let mut all = vec![];
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (1..=1000).collect::<Vec<u64>>(),
+            "every LSN used exactly once"
+        );
+
+        let st = engine.status();
+        assert_eq!(
+            (st.last_lsn, st.durable_lsn, st.records),
+            (1000, 1000, 1000)
+        );
+        let page = engine
+            .list(
+                "load",
+                &ListQuery {
+                    limit: 2000,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(page.items.len(), 1000);
+        let m = engine.metrics();
+        assert_eq!(m.batches.get(), 1000);
+        assert_eq!(m.writes.get(), 1000);
+        let groups = m.groups.get();
+        assert!(
+            groups < 1000,
+            "group commit grouped nothing: {groups} groups"
+        );
+        eprintln!("1000 batches in {groups} group commits");
+    }
+
+    #[tokio::test]
+    async fn log_retention_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(EngineConfig {
+            log_retention: 10,
+            ..config(dir.path())
+        })
+        .unwrap();
+        let k = key("c", "k");
+        for i in 0..50 {
+            engine
+                .write(vec![put(&k, &format!("{i}"), Precondition::None)])
+                .await
+                .unwrap();
+        }
+        // The writer truncates right after answering each group, before it takes the
+        // next message, so after shutdown the log is exactly `40..=50`.
+        engine.shutdown().unwrap();
+        let st = engine.status();
+        assert_eq!((st.last_lsn, st.first_log_lsn), (50, 40));
+        let log = engine.read_log(0, 1000).unwrap();
+        assert_eq!(
+            log.len(),
+            11,
+            "retention entries behind the newest, plus the newest"
+        );
+        assert_eq!(log.first().map(|e| e.lsn), Some(40));
+        assert_eq!(log.last().map(|e| e.lsn), Some(50));
+        drop(engine);
+
+        let engine = Engine::open(EngineConfig {
+            log_retention: 10,
+            ..config(dir.path())
+        })
+        .unwrap();
+        let st = engine.status();
+        assert_eq!((st.last_lsn, st.first_log_lsn), (50, 40));
+    }
+
+    #[tokio::test]
+    async fn large_values_round_trip_through_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key("big", "one");
+        let body = format!("\"{}\"", "x".repeat(600 * 1024));
+        {
+            let engine = open(dir.path());
+            engine
+                .write(vec![put(&k, &body, Precondition::None)])
+                .await
+                .unwrap();
+            assert_eq!(engine.get(&k).unwrap().unwrap().body.len(), body.len());
+            engine.shutdown().unwrap();
+        }
+        // sled spills nodes over ~128 KiB to `blobs/`; those are what `sync_blobs` fsyncs.
+        let blobs = std::fs::read_dir(dir.path().join("data/blobs"))
+            .unwrap()
+            .count();
+        assert!(blobs > 0, "expected sled to write a blob file");
+        let engine = open(dir.path());
+        assert_eq!(
+            engine.get(&k).unwrap().unwrap().body,
+            Bytes::from(body.clone())
+        );
+        assert_eq!(
+            engine.read_log(1, 1).unwrap()[0].writes[0]
+                .value
+                .as_ref()
+                .unwrap()
+                .body
+                .len(),
+            body.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_values_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let k = key("c", "k");
+        engine
+            .write(vec![put(&k, "one", Precondition::None)])
+            .await
+            .unwrap();
+        engine
+            .write(vec![put(&k, "two", Precondition::None)])
+            .await
+            .unwrap();
+        let db = &engine.shared.db;
+
+        // A flipped byte in a stored log entry: checksum mismatch.
+        let mut v = db.get(log_key(2)).unwrap().unwrap().to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 1;
+        db.insert(log_key(2), v).unwrap();
+        assert_eq!(engine.read_log(1, 1).unwrap().len(), 1, "entry 1 is fine");
+        assert!(matches!(
+            engine.read_log(1, 10),
+            Err(EngineError::Corrupt(_))
+        ));
+
+        // Garbage and truncated values.
+        for garbage in [&b""[..], b"\x01", b"\x07abc", b"\x01\x00\x00\x00\x00"] {
+            db.insert(log_key(1), garbage).unwrap();
+            assert!(matches!(
+                engine.read_log(1, 1),
+                Err(EngineError::Corrupt(_))
+            ));
+            db.insert(record_key(&k), garbage).unwrap();
+            assert!(matches!(engine.get(&k), Err(EngineError::Corrupt(_))));
+            let all = ListQuery {
+                limit: 10,
+                ..Default::default()
+            };
+            assert!(matches!(
+                engine.list("c", &all),
+                Err(EngineError::Corrupt(_))
+            ));
+            // The writer reports it too, and stays up.
+            let w = engine.write(vec![put(&k, "x", Precondition::None)]).await;
+            assert!(matches!(w, Err(EngineError::Corrupt(_))));
+        }
+        let other = key("c", "other");
+        assert!(engine
+            .write(vec![put(&other, "ok", Precondition::None)])
+            .await
+            .is_ok());
+        // Corrupt metadata refuses to open rather than guessing.
+        db.insert(META_LAST_LSN, &b"xx"[..]).unwrap();
+        engine.shutdown().unwrap();
+        drop(engine);
+        assert!(matches!(
+            Engine::open(config(dir.path())),
+            Err(EngineError::Corrupt(_))
+        ));
     }
 }
 
