@@ -1068,6 +1068,41 @@ impl Writer {
     }
 }
 
+impl Engine {
+    /// Registers the engine's metrics with the node's registry: record count, disk size and
+    /// newest LSN computed at scrape time, plus the group-commit histograms. Holds the
+    /// engine weakly, so metrics never keep a shut-down engine alive.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &crate::metrics::Metrics) {
+        let gauge = |name: &str, help: &str, f: fn(&EngineStatus) -> u64| {
+            let weak = Arc::downgrade(self);
+            metrics.gauge_fn(name, help, move || {
+                weak.upgrade()
+                    .map_or(0, |e| i64::try_from(f(&e.status())).unwrap_or(i64::MAX))
+            });
+        };
+        gauge("storage_records", "Records stored", |s| s.records);
+        gauge(
+            "storage_disk_bytes",
+            "Bytes the storage engine uses on disk",
+            |s| s.disk_bytes,
+        );
+        gauge("storage_last_lsn", "LSN of the newest applied write", |s| {
+            s.last_lsn
+        });
+        let m = self.metrics();
+        metrics.register(
+            "storage_group_commit_size",
+            "Client batches made durable by one flush + fsync",
+            m.group_size.clone(),
+        );
+        metrics.register(
+            "storage_flush_seconds",
+            "Time one group commit's flush + fsync took",
+            m.flush_seconds.clone(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1765,9 +1800,4 @@ mod tests {
             Err(EngineError::Corrupt(_))
         ));
     }
-}
-
-impl Engine {
-    /// Registers the engine's metrics (stub).
-    pub fn register_metrics(self: &Arc<Self>, _metrics: &crate::metrics::Metrics) {}
 }
