@@ -1,6 +1,7 @@
 //! The data API handlers: records, listings, merge patch, atomic batches, and the HTTP
 //! conditional-request rules that map onto storage preconditions.
 
+use std::borrow::Cow;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -515,16 +516,21 @@ pub async fn list(
 /// One write of a batch request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+// Strings are `Cow`: borrowed when plain, owned when the JSON escapes something (an ETag
+// such as "\"12\"" always does), which a bare `&str` cannot represent.
 struct BatchWrite<'a> {
-    op: &'a str,
-    collection: &'a str,
-    id: &'a str,
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow)]
+    collection: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
     #[serde(borrow, default)]
     value: Option<&'a RawValue>,
-    #[serde(default)]
-    if_match: Option<&'a str>,
-    #[serde(default)]
-    if_none_match: Option<&'a str>,
+    #[serde(borrow, default)]
+    if_match: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    if_none_match: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -562,15 +568,15 @@ pub async fn batch(
     let mut writes = Vec::with_capacity(request.writes.len());
     for (i, w) in request.writes.iter().enumerate() {
         let at = |m: String| problem(StatusCode::BAD_REQUEST, format!("write {i}: {m}"));
-        let key = Key::new(w.collection, w.id).map_err(|e| at(e.to_string()))?;
-        let op = match (w.op, w.value) {
+        let key = Key::new(&w.collection, &w.id).map_err(|e| at(e.to_string()))?;
+        let op = match (w.op.as_ref(), w.value) {
             ("put", Some(v)) => WriteOp::Put(Bytes::copy_from_slice(v.get().as_bytes())),
             ("put", None) => return Err(at("put needs a value".into())),
             ("delete", None) => WriteOp::Delete,
             ("delete", Some(_)) => return Err(at("delete takes no value".into())),
             (other, _) => return Err(at(format!("unknown op {other:?}; use put or delete"))),
         };
-        let precondition = match (w.if_match, w.if_none_match) {
+        let precondition = match (w.if_match.as_deref(), w.if_none_match.as_deref()) {
             (Some(_), Some(_)) => {
                 return Err(at("give if_match or if_none_match, not both".into()))
             }
