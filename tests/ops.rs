@@ -105,7 +105,7 @@ async fn sighup_applies_valid_config_and_keeps_old_on_broken_file() {
     let status = wait_reload(&node, 1).await;
     assert_eq!(status["config"]["last_reload"]["applied"], json!(false));
     let why = status["config"]["last_reload"]["message"].as_str().unwrap();
-    assert!(why.contains("bogus_key") && why.contains(":7:"), "{why}");
+    assert!(why.contains("bogus_key") && why.contains(":10:"), "{why}");
     assert_eq!(
         send(body.clone()).await.unwrap().status(),
         StatusCode::OK,
