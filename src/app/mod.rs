@@ -114,7 +114,15 @@ impl App {
         let method = req.method().clone();
         let log_path = settings.access_log.then(|| req.uri().path().to_owned());
         let (route, resp) = self.dispatch(req, &settings).await;
-        let resp = resp.unwrap_or_else(|p| p.into_response());
+        let mut resp = resp.unwrap_or_else(|p| p.into_response());
+        if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            // The body was left unread, so hyper closes the connection after this response;
+            // saying so stops the client from reusing it and racing the close.
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
         self.metrics.observe_request("app", route, status, elapsed);
