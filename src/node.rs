@@ -165,6 +165,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                 (StorageTarget::Remote(remote), _) => {
                     let secret = cluster_secret(&config)?;
                     let store = RemoteStore::start(remote, &secret, stop_rx.clone())?;
+                    store.register_metrics(&metrics);
                     if !store.wait_ready(remote.connect_timeout.get()).await {
                         tracing::warn!(
                             reason = %store.ready().err().unwrap_or_default(),

@@ -117,6 +117,18 @@ async fn data_api_suite_remote_storage() {
         .unwrap();
     assert!(metrics.contains("strata_storage_connections"), "{metrics}");
     assert!(metrics.contains("strata_storage_records"), "{metrics}");
+    let app_metrics = client()
+        .get(format!("{}/metrics", app.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        app_metrics.contains("strata_storage_client_connections_up 4"),
+        "{app_metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

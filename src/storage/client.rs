@@ -128,6 +128,16 @@ impl RemoteStore {
         self.ready().is_ok()
     }
 
+    /// Registers the pool's metrics: how many of its connections are up.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &crate::metrics::Metrics) {
+        let weak = Arc::downgrade(self);
+        metrics.gauge_fn(
+            "storage_client_connections_up",
+            "Connections from this app to its storage server that are up",
+            move || weak.upgrade().map_or(0, |s| s.live() as i64),
+        );
+    }
+
     /// Reads one record.
     pub async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
         let request = Request::Get {

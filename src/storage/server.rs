@@ -145,9 +145,16 @@ impl StorageServer {
             let done = done_tx.clone();
             tokio::spawn(async move {
                 me.open.fetch_add(1, Ordering::Relaxed);
-                if let Err(reason) = me.clone().connection(stream, peer, stop).await {
-                    me.rejected.inc();
-                    tracing::warn!(%peer, reason = %reason, "storage connection closed");
+                match me.clone().connection(stream, peer, stop).await {
+                    Ok(()) => {}
+                    // Connect-and-close without a byte: a TCP health check or port scan.
+                    Err(ConnError::Closed) => {
+                        tracing::debug!(%peer, "storage connection closed before the handshake");
+                    }
+                    Err(reason) => {
+                        me.rejected.inc();
+                        tracing::warn!(%peer, reason = %reason, "storage connection closed");
+                    }
                 }
                 me.open.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
