@@ -9,7 +9,8 @@
 //! | [`node`] | starting the roles a config names; reload on SIGHUP; ordered shutdown |
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
 //! | [`app`] | the app role: routing, data API handlers, static files |
-//! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine |
+//! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine, the storage server and its client |
+//! | [`tls`] | rustls server and client configs from PEM files (storage links; later the edge) |
 //! | [`cache`] | the byte-bounded, LSN-gated, scan-resistant cache the app and edge roles share |
 //! | [`metrics`] | the Prometheus registry every role reports into |
 
@@ -21,3 +22,4 @@ pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod storage;
+pub mod tls;

@@ -13,11 +13,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::{static_files::StaticFiles, App, AppSettings};
-use crate::config::{self, Config, ConfigError, LiveConfig, ReloadReport, Source};
+use crate::config::{self, Config, ConfigError, LiveConfig, ReloadReport, Source, StorageTarget};
 use crate::http::admin::Admin;
 use crate::http::auth::Tokens;
 use crate::http::server;
 use crate::metrics::Metrics;
+use crate::storage::client::{ClientError, RemoteStore};
+use crate::storage::server::{ServerError, StorageServer};
 use crate::storage::{Engine, EngineConfig, EngineError, Store};
 
 /// Why a node could not start.
@@ -50,6 +52,12 @@ pub enum NodeError {
     /// A secret (token) could not be read.
     #[error(transparent)]
     Secret(#[from] config::secrets::SecretError),
+    /// The storage server could not be set up.
+    #[error(transparent)]
+    StorageServer(#[from] ServerError),
+    /// The link to remote storage could not be set up.
+    #[error(transparent)]
+    StorageClient(#[from] ClientError),
 }
 
 /// The parts of a running node that reload touches.
@@ -115,17 +123,64 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     let admin = Admin::new(live.clone(), metrics.clone(), tokens.clone());
     let grace = config.node.shutdown_grace.get();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut engine = None;
+    let embedded_app = config
+        .app
+        .as_ref()
+        .is_some_and(|a| a.storage == StorageTarget::Embedded);
+    // One engine per process, shared by the embedded app and the storage role.
+    let engine = if embedded_app || config.storage.is_some() {
+        Some(open_engine(&config, &metrics)?)
+    } else {
+        None
+    };
 
     println!(
         "strata: node {:?} starting roles: {}",
         config.node.name,
         config.roles().join(", ")
     );
+    if let (Some(st), Some(e)) = (&config.storage, &engine) {
+        let secret = cluster_secret(&config)?;
+        let server = StorageServer::new(st, e.clone(), &secret, &config.node.name)?;
+        server.register_metrics(&metrics);
+        admin.add_component(server.clone());
+        let listener = bind("storage", st.listen).await?;
+        let addr = listener.local_addr().unwrap_or(st.listen);
+        println!(
+            "strata: storage listening on tcp://{addr} (primary, {})",
+            match &st.tls {
+                Some(t) if t.client_ca.is_some() => "mutual TLS",
+                Some(_) => "TLS",
+                None => "plain TCP",
+            }
+        );
+        tasks.spawn(server.run(listener, stop_rx.clone(), grace));
+    }
     let app = match &config.app {
         Some(app_cfg) => {
-            let e = open_engine(&config, &metrics)?;
-            engine = Some(e.clone());
+            let store = match (&app_cfg.storage, &engine) {
+                (StorageTarget::Remote(remote), _) => {
+                    let secret = cluster_secret(&config)?;
+                    let store = RemoteStore::start(remote, &secret, stop_rx.clone())?;
+                    store.register_metrics(&metrics);
+                    if !store.wait_ready(remote.connect_timeout.get()).await {
+                        tracing::warn!(
+                            reason = %store.ready().err().unwrap_or_default(),
+                            "storage is not reachable yet; answering 503 until it is"
+                        );
+                    }
+                    Store::Remote(store)
+                }
+                (StorageTarget::Embedded, Some(e)) => Store::Embedded(e.clone()),
+                (StorageTarget::Embedded, None) => {
+                    // Unreachable: an embedded app always opens the engine above.
+                    return Err(NodeError::Config(ConfigError::invalid(
+                        std::path::Path::new("config"),
+                        "app.storage",
+                        "embedded storage without an engine",
+                    )));
+                }
+            };
             let static_files = match &app_cfg.static_dir {
                 Some(dir) => Some((dir.clone(), StaticFiles::new(dir)?)),
                 None if std::path::Path::new("public").is_dir() => Some((
@@ -135,7 +190,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                 None => None,
             };
             let app = App::new(
-                Store::Embedded(e),
+                store,
                 static_files,
                 AppSettings::from_config(&config, app_cfg)?,
                 tokens.clone(),
@@ -231,6 +286,18 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cluster secret as bytes; validation has made sure there is one.
+fn cluster_secret(config: &Config) -> Result<Vec<u8>, NodeError> {
+    match config::secrets::resolve_cluster_secret(&config.node)? {
+        Some(s) => Ok(s.into_bytes()),
+        None => Err(NodeError::Config(ConfigError::invalid(
+            std::path::Path::new("config"),
+            "node.cluster_secret",
+            "no cluster secret configured",
+        ))),
+    }
 }
 
 fn open_engine(config: &Config, metrics: &Metrics) -> Result<Arc<Engine>, NodeError> {

@@ -116,8 +116,8 @@ impl App {
         let (route, resp) = self.dispatch(req, &settings).await;
         let mut resp = resp.unwrap_or_else(|p| p.into_response());
         if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the body was not read: the connection cannot carry another
-            // request, so say so rather than let the client reuse it.
+            // The body was left unread, so hyper closes the connection after this response;
+            // saying so stops the client from reusing it and racing the close.
             resp.headers_mut().insert(
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use super::model::Config;
 use super::secrets;
+use super::storage::{StorageMode, StorageTarget};
+use super::units::Size;
+use crate::storage::protocol::MAX_FRAME_CEILING;
 
 /// Why a config was refused.
 #[derive(Debug, thiserror::Error)]
@@ -161,12 +164,133 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    validate_storage(path, config)?;
     if config.roles().is_empty() {
         return Err(ConfigError::invalid(
             path,
             "config",
-            "no role is switched on; add an [app] section",
+            "no role is switched on; add an [app] or [storage] section",
         ));
+    }
+    Ok(())
+}
+
+/// The storage role and an app's link to remote storage: both need the cluster secret
+/// (always, even on loopback: the secret is what keeps another local user's process from
+/// reading or writing the data), sane limits, and TLS files that load.
+fn validate_storage(path: &Path, config: &Config) -> Result<(), ConfigError> {
+    let remote = match config.app.as_ref().map(|a| &a.storage) {
+        Some(StorageTarget::Remote(r)) => Some(r),
+        _ => None,
+    };
+    if config.storage.is_none() && remote.is_none() {
+        return Ok(());
+    }
+    match secrets::resolve_cluster_secret(&config.node) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(ConfigError::invalid(
+                path,
+                "node.cluster_secret",
+                format!(
+                    "{} needs a cluster secret: set node.cluster_secret_file (a file only its \
+                     owner can read), node.cluster_secret, or the {} environment variable",
+                    if config.storage.is_some() {
+                        "the storage role"
+                    } else {
+                        "an app with remote storage"
+                    },
+                    secrets::CLUSTER_SECRET_ENV
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(ConfigError::invalid(
+                path,
+                "node.cluster_secret",
+                e.to_string(),
+            ))
+        }
+    }
+    if let Some(st) = &config.storage {
+        if st.mode == StorageMode::Replica {
+            return Err(ConfigError::invalid(
+                path,
+                "storage.mode",
+                "mode = \"replica\" is not built yet (read replicas come with stage 4); use \"primary\"",
+            ));
+        }
+        if st.follow.is_some() {
+            return Err(ConfigError::invalid(
+                path,
+                "storage.follow",
+                "follow is only meaningful with mode = \"replica\"",
+            ));
+        }
+        let max = st.max_frame.as_usize();
+        if !(4096..=MAX_FRAME_CEILING).contains(&max) {
+            return Err(ConfigError::invalid(
+                path,
+                "storage.max_frame",
+                format!(
+                    "must be between 4KiB and {}",
+                    Size(MAX_FRAME_CEILING as u64)
+                ),
+            ));
+        }
+        if st.max_in_flight == 0 || st.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "storage.max_in_flight",
+                "max_in_flight and max_connections must be at least 1",
+            ));
+        }
+        if let Some(tls) = &st.tls {
+            crate::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
+                .map_err(|e| ConfigError::invalid(path, "storage.tls", e.to_string()))?;
+        }
+    }
+    if let Some(r) = remote {
+        let Some((host, port)) = r.primary.rsplit_once(':') else {
+            return Err(ConfigError::invalid(
+                path,
+                "app.storage.primary",
+                format!("{:?} is not host:port", r.primary),
+            ));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(ConfigError::invalid(
+                path,
+                "app.storage.primary",
+                format!("{:?} is not host:port", r.primary),
+            ));
+        }
+        if !(1..=64).contains(&r.connections) {
+            return Err(ConfigError::invalid(
+                path,
+                "app.storage.connections",
+                "must be between 1 and 64",
+            ));
+        }
+        let max = r.max_frame.as_usize();
+        if !(4096..=MAX_FRAME_CEILING).contains(&max) {
+            return Err(ConfigError::invalid(
+                path,
+                "app.storage.max_frame",
+                format!(
+                    "must be between 4KiB and {}",
+                    Size(MAX_FRAME_CEILING as u64)
+                ),
+            ));
+        }
+        if let Some(tls) = &r.tls {
+            crate::tls::client_config(&tls.ca, tls.cert.as_deref(), tls.key.as_deref())
+                .map_err(|e| ConfigError::invalid(path, "app.storage.tls", e.to_string()))?;
+            let name = tls.server_name.as_deref().unwrap_or(host);
+            crate::tls::server_name(name.trim_start_matches('[').trim_end_matches(']')).map_err(
+                |e| ConfigError::invalid(path, "app.storage.tls.server_name", e.to_string()),
+            )?;
+        }
     }
     Ok(())
 }
@@ -242,6 +366,41 @@ mod tests {
         )
         .unwrap();
         validate(Path::new("t"), &c).unwrap();
+    }
+
+    #[test]
+    fn storage_needs_a_secret_and_refuses_replica_mode() {
+        let with = "[node]\ncluster_secret = \"0123456789abcdef0\"\n";
+        let storage = "[storage]\nlisten = \"127.0.0.1:7000\"\n";
+        let c = parse(Path::new("t"), storage).unwrap();
+        if std::env::var_os(secrets::CLUSTER_SECRET_ENV).is_none() {
+            let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+            assert!(e.contains("needs a cluster secret"), "{e}");
+        }
+        let c = parse(Path::new("t"), &format!("{with}{storage}")).unwrap();
+        validate(Path::new("t"), &c).unwrap();
+        assert_eq!(c.roles(), vec!["storage"]);
+        let c = parse(
+            Path::new("t"),
+            &format!("{with}{storage}mode = \"replica\"\n"),
+        )
+        .unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("not built yet"), "{e}");
+        let c = parse(
+            Path::new("t"),
+            &format!("{with}[app]\nstorage = {{ primary = \"nope\" }}\n"),
+        )
+        .unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("host:port"), "{e}");
+        let c = parse(
+            Path::new("t"),
+            "[node]\ncluster_secret = \"short\"\n[app]\nstorage = { primary = \"db:7000\" }\n",
+        )
+        .unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("shorter than"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod load;
 pub mod model;
 pub mod secrets;
+pub mod storage;
 pub mod units;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 pub use load::ConfigError;
-pub use model::{AppConfig, Config, HttpLimits, NodeConfig, Scope, StorageTarget, TokenConfig};
+pub use model::{AppConfig, Config, HttpLimits, NodeConfig, Scope, TokenConfig};
+pub use storage::{ClientTls, RemoteStorage, ServerTls, StorageConfig, StorageMode, StorageTarget};
 pub use units::{Dur, Size};
 
 /// Where the running config came from.
@@ -94,6 +96,14 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.node.log_retention != new.node.log_retention {
         changed.push("node.log_retention");
+    }
+    if old.node.cluster_secret != new.node.cluster_secret
+        || old.node.cluster_secret_file != new.node.cluster_secret_file
+    {
+        changed.push("node.cluster_secret");
+    }
+    if old.storage != new.storage {
+        changed.push("storage");
     }
     if let (Some(a), Some(b)) = (&old.app, &new.app) {
         if a.listen != b.listen {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::storage::{StorageConfig, StorageTarget};
 use super::units::{Dur, Size};
 use crate::app::static_files::CacheRule;
 
@@ -18,6 +19,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// The app role: data API and static files. Present in the no-config default.
     pub app: Option<AppConfig>,
+    /// The storage role: serves this node's engine to apps over TCP.
+    pub storage: Option<StorageConfig>,
 }
 
 impl Config {
@@ -27,6 +30,7 @@ impl Config {
         Config {
             node: NodeConfig::default(),
             app: Some(AppConfig::default()),
+            storage: None,
         }
     }
 
@@ -35,6 +39,9 @@ impl Config {
         let mut roles = Vec::new();
         if self.app.is_some() {
             roles.push("app");
+        }
+        if self.storage.is_some() {
+            roles.push("storage");
         }
         roles
     }
@@ -52,7 +59,7 @@ pub struct NodeConfig {
     pub admin: SocketAddr,
     /// Shared secret that storage nodes and apps prove to each other (inline; prefer
     /// `cluster_secret_file` or the `STRATA_CLUSTER_SECRET` env var).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "redact")]
     pub cluster_secret: Option<String>,
     /// File holding the cluster secret; refused when readable by other users.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,7 +99,8 @@ pub struct AppConfig {
     pub static_dir: Option<PathBuf>,
     /// `Cache-Control` per static path pattern; first match wins. Applies live.
     pub static_cache: Vec<CacheRule>,
-    /// Where records live: `"embedded"` (this process, under `data_dir`).
+    /// Where records live: `"embedded"` (this process, under `data_dir`) or a storage
+    /// server, `{ primary = "host:port" }`.
     pub storage: StorageTarget,
     /// Largest request body accepted (413 above). Applies live.
     pub max_body: Size,
@@ -137,15 +145,6 @@ impl Default for AppConfig {
             http: HttpLimits::default(),
         }
     }
-}
-
-/// Where the app's records live.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StorageTarget {
-    /// The sled engine inside this process.
-    #[default]
-    Embedded,
 }
 
 /// What a bearer token may do.

@@ -4,7 +4,13 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::model::TokenConfig;
+use super::model::{NodeConfig, TokenConfig};
+
+/// Environment variable that supplies the cluster secret when the config names none.
+pub const CLUSTER_SECRET_ENV: &str = "STRATA_CLUSTER_SECRET";
+
+/// Shortest cluster secret accepted: it is the only thing between the network and the data.
+pub const MIN_CLUSTER_SECRET_LEN: usize = 16;
 
 /// Why a secret could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +93,29 @@ pub fn resolve_token(token: &TokenConfig) -> Result<String, SecretError> {
         )));
     }
     Ok(value)
+}
+
+/// The cluster secret from `node.cluster_secret`, `node.cluster_secret_file` or, when the
+/// config names neither, the `STRATA_CLUSTER_SECRET` environment variable. `Ok(None)` when
+/// no source has one; a secret shorter than [`MIN_CLUSTER_SECRET_LEN`] is refused.
+pub fn resolve_cluster_secret(node: &NodeConfig) -> Result<Option<String>, SecretError> {
+    let value = if let Some(v) = &node.cluster_secret {
+        v.clone()
+    } else if let Some(file) = &node.cluster_secret_file {
+        read_secret_file(file)?
+    } else {
+        match std::env::var(CLUSTER_SECRET_ENV) {
+            Ok(v) if !v.is_empty() => v,
+            _ => return Ok(None),
+        }
+    };
+    if value.len() < MIN_CLUSTER_SECRET_LEN {
+        return Err(SecretError::Source(format!(
+            "the cluster secret is shorter than {MIN_CLUSTER_SECRET_LEN} characters; \
+             make one with e.g. `openssl rand -hex 32`"
+        )));
+    }
+    Ok(Some(value))
 }
 
 #[cfg(test)]

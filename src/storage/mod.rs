@@ -1,18 +1,32 @@
 //! Storage: the types every storage backend speaks, and the backends themselves.
 //!
-//! The data API talks to storage only through [`StorageHandle`], so the same handlers serve
-//! the embedded engine (stage 1) and, later, a remote storage server (stage 2). The types
-//! here are the vocabulary of both: a key, a stored record, a batch of writes with
-//! preconditions, and what a committed batch reports back.
+//! The data API talks to storage only through [`Store`], so the same handlers serve the
+//! embedded engine (stage 1) and a remote storage server (stage 2). The types here are the
+//! vocabulary of both: a key, a stored record, a batch of writes with preconditions, and
+//! what a committed batch reports back.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`engine`] | sled: records, the log, group commit (every sled call lives there) |
+//! | [`protocol`] | frames and messages of the storage protocol; pure, fuzzable |
+//! | [`wire`] | conversions between this vocabulary and the protocol's messages; pure |
+//! | [`conn`] | the protocol's I/O edge: frame reading with deadlines, the handshake |
+//! | [`server`] | the storage role: serves the engine to apps over TCP/TLS |
+//! | [`client`] | the app's pool of connections to a storage server |
+//! | [`store`] | [`Store`], the one handle the data API uses, and [`StoreError`] |
 
+pub mod client;
+pub mod conn;
 pub mod engine;
 pub mod protocol;
+pub mod server;
 pub mod store;
+pub mod wire;
 
 use bytes::Bytes;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStatus};
-pub use store::Store;
+pub use store::{Store, StoreError};
 
 /// Longest collection name, in bytes. Keeps keys short and listing cheap.
 pub const MAX_COLLECTION_LEN: usize = 64;

@@ -1,42 +1,104 @@
-//! [`Store`]: the one handle the data API uses to reach storage, whichever kind it is.
+//! [`Store`]: the one handle the data API uses to reach storage, whichever kind it is, and
+//! [`StoreError`]: what can go wrong, in terms an HTTP handler can act on.
 
 use std::sync::Arc;
 
+use super::client::RemoteStore;
 use super::{Committed, Engine, EngineError, Key, ListPage, ListQuery, Record, Write};
 
 /// Storage as the app sees it. An enum rather than a trait object: the set of backends is
-/// closed (embedded now, remote with stage 2) and static dispatch keeps the hot path direct.
+/// closed (embedded, remote) and static dispatch keeps the hot path direct.
 #[derive(Clone)]
 pub enum Store {
     /// The sled engine in this process.
     Embedded(Arc<Engine>),
+    /// A storage server reached over the network.
+    Remote(Arc<RemoteStore>),
+}
+
+/// Why a storage operation failed. The same for every backend, so a handler answers the
+/// same way whether storage is in this process or on another machine.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A write's precondition did not hold; nothing of the batch was applied.
+    #[error("precondition failed for {key} (write {index} of the batch)")]
+    PreconditionFailed {
+        /// Index of the failing write in the batch.
+        index: usize,
+        /// Its key.
+        key: Key,
+        /// The record's current version, `None` if it does not exist.
+        current: Option<u64>,
+    },
+    /// The batch itself is invalid (empty, the same key twice, too large to send).
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    /// Storage cannot be reached or is shutting down; nothing was applied and the request
+    /// may be retried (HTTP 503 with `Retry-After`).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A write was sent but no answer came back: it may or may not have been applied
+    /// (HTTP 504). Never retried automatically, since a retry could apply it twice.
+    #[error("outcome of the write unknown: {0}")]
+    OutcomeUnknown(String),
+    /// The storage node takes no writes (a replica); the message names the primary.
+    #[error("storage is read-only: {0}")]
+    ReadOnly(String),
+    /// Storage failed in a way the client cannot fix (I/O, corruption, a protocol bug).
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+impl From<EngineError> for StoreError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::PreconditionFailed {
+                index,
+                key,
+                current,
+            } => StoreError::PreconditionFailed {
+                index,
+                key,
+                current,
+            },
+            EngineError::InvalidBatch(m) => StoreError::InvalidBatch(m),
+            EngineError::Closed => StoreError::Unavailable("storage is shutting down".into()),
+            other => StoreError::Internal(other.to_string()),
+        }
+    }
 }
 
 impl Store {
     /// Reads one record.
-    pub async fn get(&self, key: &Key) -> Result<Option<Record>, EngineError> {
+    pub async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
         match self {
-            Store::Embedded(e) => e.get(key),
+            Store::Embedded(e) => Ok(e.get(key)?),
+            Store::Remote(r) => r.get(key).await,
         }
     }
 
     /// Lists a collection in id order.
-    pub async fn list(&self, collection: &str, query: &ListQuery) -> Result<ListPage, EngineError> {
+    pub async fn list(&self, collection: &str, query: &ListQuery) -> Result<ListPage, StoreError> {
         match self {
-            Store::Embedded(e) => e.list(collection, query),
+            Store::Embedded(e) => Ok(e.list(collection, query)?),
+            Store::Remote(r) => r.list(collection, query).await,
         }
     }
 
     /// Applies a batch atomically and durably.
-    pub async fn write(&self, writes: Vec<Write>) -> Result<Committed, EngineError> {
+    pub async fn write(&self, writes: Vec<Write>) -> Result<Committed, StoreError> {
         match self {
-            Store::Embedded(e) => e.write(writes).await,
+            Store::Embedded(e) => Ok(e.write(writes).await?),
+            Store::Remote(r) => r.write(writes).await,
         }
     }
 
     /// Whether storage can serve now, and if not why.
     pub fn ready(&self) -> Result<(), String> {
-        Ok(())
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Remote(r) => r.ready(),
+        }
     }
 
     /// Status for `/admin/status`.
@@ -54,6 +116,7 @@ impl Store {
                     "disk_bytes": s.disk_bytes,
                 })
             }
+            Store::Remote(r) => r.status(),
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub app: Option<SocketAddr>,
+    /// The storage listener, from "strata: storage listening on tcp://ADDR".
+    pub storage: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
     _tmp: Option<tempfile::TempDir>,
@@ -84,6 +86,7 @@ impl Node {
             }
         });
         let mut app = None;
+        let mut storage = None;
         let mut admin = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         while admin.is_none() {
@@ -106,6 +109,12 @@ impl Node {
             };
             if line.starts_with("strata: app listening on") {
                 app = addr();
+            } else if line.starts_with("strata: storage listening on") {
+                storage = line
+                    .split("tcp://")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok());
             } else if line.starts_with("strata: admin listening on") {
                 admin = addr();
             }
@@ -115,6 +124,7 @@ impl Node {
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             app,
+            storage,
             admin: admin.expect("admin address"),
             stderr,
             _tmp: None,

@@ -1,0 +1,431 @@
+//! The storage role's listener: serves this node's [`Engine`] to apps over TCP (TLS
+//! optional), one authenticated, pipelined connection per client.
+//!
+//! Per connection: TLS accept and the handshake under one deadline; then a reader that
+//! takes frames and spawns each request's handling, a writer task that sends the answers in
+//! whatever order they finish, and a bound on requests in progress (beyond it the reader
+//! stops reading, so TCP pushes back on the client). A peer that sends garbage, an oversize
+//! or truncated frame, stalls mid-frame, or fails the handshake is disconnected and the
+//! reason logged; no other connection notices.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use super::conn::{self, BoxStream, ConnError, FrameReader};
+use super::protocol::{
+    self, ErrorKind, Message, ProtocolError, Purpose, Request, Response, WireError, WireStatus,
+};
+use super::store::StoreError;
+use super::{wire, Engine, Key, ListQuery};
+use crate::config::StorageConfig;
+use crate::http::admin::Component;
+use crate::http::server::{wait_for, Shutdown};
+use crate::metrics::Metrics;
+
+/// Most items one listing request may ask for, whatever the client says.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// Why the storage server could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The TLS material is unusable.
+    #[error("storage.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// Limits of one connection, from the config.
+#[derive(Clone, Debug)]
+struct Limits {
+    max_frame: usize,
+    max_in_flight: usize,
+    max_connections: usize,
+    handshake_timeout: Duration,
+    frame_timeout: Duration,
+}
+
+/// The storage server: the engine, the secret peers must prove, and the limits.
+pub struct StorageServer {
+    engine: Arc<Engine>,
+    secret: Arc<[u8]>,
+    node: String,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    open: AtomicUsize,
+    rejected: Counter,
+}
+
+impl StorageServer {
+    /// Builds the server for a `[storage]` section; fails if its TLS files are unusable.
+    pub fn new(
+        config: &StorageConfig,
+        engine: Arc<Engine>,
+        secret: &[u8],
+        node: &str,
+    ) -> Result<Arc<Self>, ServerError> {
+        let tls = match &config.tls {
+            Some(t) => Some(TlsAcceptor::from(crate::tls::server_config(
+                &t.cert,
+                &t.key,
+                t.client_ca.as_deref(),
+            )?)),
+            None => None,
+        };
+        Ok(Arc::new(StorageServer {
+            engine,
+            secret: Arc::from(secret),
+            node: node.to_owned(),
+            limits: Limits {
+                max_frame: config.max_frame.as_usize().min(protocol::MAX_FRAME_CEILING),
+                max_in_flight: config.max_in_flight.max(1),
+                max_connections: config.max_connections.max(1),
+                handshake_timeout: config.handshake_timeout.get(),
+                frame_timeout: config.frame_timeout.get(),
+            },
+            tls,
+            open: AtomicUsize::new(0),
+            rejected: Counter::default(),
+        }))
+    }
+
+    /// Registers the server's metrics: open connections and rejected peers.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &Metrics) {
+        let me = self.clone();
+        metrics.gauge_fn(
+            "storage_connections",
+            "Open connections to the storage server",
+            move || me.open.load(Ordering::Relaxed) as i64,
+        );
+        metrics.register(
+            "storage_rejected_connections",
+            "Storage connections closed for a protocol or authentication failure",
+            self.rejected.clone(),
+        );
+    }
+
+    /// Accepts connections until `shutdown`, then waits up to `grace` for open ones to
+    /// answer what they have started. Returns how many were still open at the deadline.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: Shutdown,
+        grace: Duration,
+    ) -> usize {
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = wait_for(&mut shutdown) => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(listener = "storage", error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = wait_for(&mut shutdown) => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let stop = shutdown.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                me.open.fetch_add(1, Ordering::Relaxed);
+                match me.clone().connection(stream, peer, stop).await {
+                    Ok(()) => {}
+                    // Connect-and-close without a byte: a TCP health check or port scan.
+                    Err(ConnError::Closed) => {
+                        tracing::debug!(%peer, "storage connection closed before the handshake");
+                    }
+                    Err(reason) => {
+                        me.rejected.inc();
+                        tracing::warn!(%peer, reason = %reason, "storage connection closed");
+                    }
+                }
+                me.open.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+                drop(done);
+            });
+        }
+        drop(listener);
+        drop(done_tx);
+        let open = self.open.load(Ordering::Relaxed);
+        if open > 0 {
+            tracing::info!(listener = "storage", open, "draining storage connections");
+        }
+        match tokio::time::timeout(grace, done_rx.recv()).await {
+            Ok(_) => 0,
+            Err(_) => {
+                tracing::warn!(
+                    listener = "storage",
+                    "drain deadline passed; closing remaining connections"
+                );
+                self.open.load(Ordering::Relaxed).max(1)
+            }
+        }
+    }
+
+    /// One connection from accept to close. `Err` carries the reason for the log.
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        mut shutdown: Shutdown,
+    ) -> Result<(), ConnError> {
+        let setup = async {
+            let stream: BoxStream = match &self.tls {
+                Some(acceptor) => Box::new(
+                    acceptor
+                        .accept(tcp)
+                        .await
+                        .map_err(|e| ConnError::Tls(e.to_string()))?,
+                ),
+                None => Box::new(tcp),
+            };
+            let mut fr = FrameReader::new(stream, self.limits.max_frame, self.limits.frame_timeout);
+            let accepted = conn::server_handshake(&mut fr, &self.secret).await?;
+            if accepted.purpose == Purpose::Replica {
+                conn::refuse(fr.get_mut(), "this node does not serve replicas yet").await;
+                return Err(ConnError::from(ProtocolError::Unexpected(
+                    "replica connection (replication is not built yet)",
+                )));
+            }
+            let welcome = Message::Welcome {
+                node: self.node.clone(),
+                epoch: self.engine.status().epoch,
+                role: "primary".into(),
+            };
+            conn::write_message(fr.get_mut(), &welcome).await?;
+            Ok::<_, ConnError>(fr)
+        };
+        let fr = tokio::select! {
+            r = tokio::time::timeout(self.limits.handshake_timeout, setup) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(ConnError::Timeout("the handshake")),
+            },
+            _ = wait_for(&mut shutdown) => return Ok(()),
+        };
+        tracing::debug!(%peer, "storage client authenticated");
+        self.serve(fr, shutdown).await
+    }
+
+    /// The request loop of an authenticated connection.
+    async fn serve(
+        self: Arc<Self>,
+        fr: FrameReader<BoxStream>,
+        mut shutdown: Shutdown,
+    ) -> Result<(), ConnError> {
+        let (stream, buf) = fr.into_parts();
+        let (rd, wr) = tokio::io::split(stream);
+        let mut fr =
+            FrameReader::with_buf(rd, buf, self.limits.max_frame, self.limits.frame_timeout);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(self.limits.max_in_flight);
+        let mut writer = tokio::spawn(write_loop(wr, rx, self.limits.frame_timeout));
+        let in_flight = Arc::new(Semaphore::new(self.limits.max_in_flight));
+        let outcome = loop {
+            let msg = tokio::select! {
+                biased;
+                _ = wait_for(&mut shutdown) => break Ok(()),
+                w = &mut writer => {
+                    // The writer only ends early on a failed or stalled write.
+                    break match w {
+                        Ok(Err(e)) => Err(e),
+                        _ => Ok(()),
+                    };
+                }
+                m = fr.read() => m,
+            };
+            let (id, body) = match msg {
+                Ok(Some(Message::Request { id, body })) => (id, body),
+                Ok(Some(_)) => {
+                    break Err(
+                        ProtocolError::Unexpected("a handshake message after the handshake").into(),
+                    )
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            let permit = tokio::select! {
+                p = in_flight.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break Ok(()),
+                },
+                _ = wait_for(&mut shutdown) => break Ok(()),
+            };
+            let me = self.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let answer = me.answer(body).await;
+                let _ = tx.send(me.frame(id, answer)).await;
+                drop(permit);
+            });
+        };
+        drop(tx);
+        match &outcome {
+            // Clean end: let requests in progress answer (bounded), then close.
+            Ok(()) if !writer.is_finished() => {
+                let bound = self.limits.frame_timeout * 2;
+                if tokio::time::timeout(bound, &mut writer).await.is_err() {
+                    writer.abort();
+                }
+            }
+            _ => writer.abort(),
+        }
+        outcome
+    }
+
+    /// Encodes an answer, replacing one too large for any peer with an error.
+    fn frame(&self, id: u64, body: Response) -> Vec<u8> {
+        let frame = protocol::encode_frame(&Message::Response { id, body });
+        if frame.len() - 4 <= protocol::MAX_FRAME_CEILING {
+            return frame;
+        }
+        let error = WireError {
+            kind: ErrorKind::InvalidBatch,
+            message: format!(
+                "the answer is {} bytes, over the protocol's limit; ask for a smaller page",
+                frame.len()
+            ),
+            index: None,
+            key: None,
+            current: None,
+        };
+        protocol::encode_frame(&Message::Response {
+            id,
+            body: Response::Error(error),
+        })
+    }
+
+    /// Carries out one request against the engine.
+    async fn answer(&self, request: Request) -> Response {
+        match self.answer_inner(request).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(wire::error_to_wire(&e)),
+        }
+    }
+
+    async fn answer_inner(&self, request: Request) -> Result<Response, StoreError> {
+        let invalid = |m: String| StoreError::InvalidBatch(m);
+        match request {
+            Request::Get { key } => {
+                let key = Key::parse(&key).map_err(|e| invalid(format!("key {key:?}: {e}")))?;
+                let record = self.engine.get(&key)?;
+                Ok(Response::Record(record.as_ref().map(wire::record_to_wire)))
+            }
+            Request::List {
+                collection,
+                prefix,
+                after,
+                limit,
+            } => {
+                Key::check_collection(&collection).map_err(|e| invalid(e.to_string()))?;
+                let query = ListQuery {
+                    prefix,
+                    after,
+                    limit: (limit as usize).clamp(1, MAX_LIST_LIMIT),
+                };
+                let page = self.engine.list(&collection, &query)?;
+                Ok(Response::Page {
+                    items: page
+                        .items
+                        .iter()
+                        .map(|(id, r)| (id.clone(), wire::record_to_wire(r)))
+                        .collect(),
+                    next: page.next,
+                })
+            }
+            Request::Write { writes } => {
+                let writes = writes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        wire::write_from_wire(w).map_err(|m| invalid(format!("write {i}: {m}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let committed = self.engine.write(writes).await?;
+                Ok(Response::Committed {
+                    lsn: committed.lsn,
+                    epoch: committed.epoch,
+                    results: wire::results_to_wire(&committed),
+                })
+            }
+            Request::Status => {
+                let s = self.engine.status();
+                Ok(Response::Status(WireStatus {
+                    node: self.node.clone(),
+                    role: "primary".into(),
+                    epoch: s.epoch,
+                    last_lsn: s.last_lsn,
+                    durable_lsn: s.durable_lsn,
+                    records: s.records,
+                }))
+            }
+        }
+    }
+}
+
+/// Sends answers as they come, coalescing those ready together into one write. A peer that
+/// does not take a write within `stall` is given up on.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    stall: Duration,
+) -> Result<(), ConnError> {
+    let mut out = Vec::with_capacity(64 << 10);
+    while let Some(frame) = rx.recv().await {
+        out.extend_from_slice(&frame);
+        while out.len() < (256 << 10) {
+            match rx.try_recv() {
+                Ok(f) => out.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        match tokio::time::timeout(stall, wr.write_all(&out)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ConnError::Timeout("a write to a peer that is not reading")),
+        }
+        out.clear();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    Ok(())
+}
+
+impl Component for StorageServer {
+    fn name(&self) -> &'static str {
+        "storage"
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = self.engine.status();
+        serde_json::json!({
+            "mode": "primary",
+            "tls": self.tls.is_some(),
+            "connections": self.open.load(Ordering::Relaxed),
+            "rejected_connections": self.rejected.get(),
+            "last_lsn": s.last_lsn,
+            "durable_lsn": s.durable_lsn,
+            "first_log_lsn": s.first_log_lsn,
+            "epoch": s.epoch,
+            "records": s.records,
+            "disk_bytes": s.disk_bytes,
+        })
+    }
+}
