@@ -880,7 +880,6 @@ impl Writer {
                     None => self.make_durable(),
                 };
             }
-            self.truncate_log();
         }
     }
 
@@ -913,6 +912,12 @@ impl Writer {
         if stage.batches > 0 {
             let last = stage.next_lsn - 1;
             stage.batch.insert(META_LAST_LSN, &last.to_be_bytes());
+            let old_first = self.shared.first_log_lsn.load(Ordering::Acquire);
+            let new_first = self.stage_truncation(&mut stage);
+            if let Some(first) = new_first {
+                // Advance before removing so readers never expect a removed entry.
+                self.shared.first_log_lsn.store(first, Ordering::Release);
+            }
             let outcome = self
                 .shared
                 .db
@@ -933,6 +938,11 @@ impl Writer {
                     m.writes.inc_by(stage.writes);
                 }
                 Err(e) => {
+                    if new_first.is_some() {
+                        self.shared
+                            .first_log_lsn
+                            .store(old_first, Ordering::Release);
+                    }
                     let msg =
                         format!("making writes durable failed, engine takes no more writes: {e}");
                     tracing::error!("{msg}");
@@ -1109,26 +1119,21 @@ impl Writer {
     /// Removes log entries older than `last_lsn - retention`, a bounded chunk at a time.
     /// LSNs are dense, so the keys to remove are known without reading. The removal rides
     /// along with the next group's fsync; losing it in a crash only delays it.
-    fn truncate_log(&mut self) {
-        let last = self.shared.last_lsn.load(Ordering::Acquire);
-        let Some(cutoff) = last.checked_sub(self.retention) else {
-            return;
-        };
+    /// Adds the removal of log entries that fell out of retention to the group's batch,
+    /// so truncation rides on the group's one `apply_batch` instead of paying sled's
+    /// per-batch IO-buffer roll again. Returns the new first LSN to publish once applied.
+    fn stage_truncation(&self, stage: &mut Stage) -> Option<u64> {
+        let last = stage.next_lsn - 1;
+        let cutoff = last.checked_sub(self.retention)?;
         let first = self.shared.first_log_lsn.load(Ordering::Acquire);
         if first >= cutoff {
-            return;
+            return None;
         }
         let end = cutoff.min(first.saturating_add(TRUNCATE_CHUNK));
-        let mut batch = sled::Batch::default();
         for lsn in first..end {
-            batch.remove(&log_key(lsn));
+            stage.batch.remove(&log_key(lsn));
         }
-        // Advance first_log_lsn before removing so readers never expect a removed entry.
-        self.shared.first_log_lsn.store(end, Ordering::Release);
-        if let Err(e) = self.shared.db.apply_batch(batch) {
-            tracing::warn!(error = %e, "log truncation failed; will retry");
-            self.shared.first_log_lsn.store(first, Ordering::Release);
-        }
+        Some(end)
     }
 }
 
