@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::balancer::BalancerConfig;
 use super::units::{Dur, Size};
 use crate::app::static_files::CacheRule;
 
@@ -18,6 +19,9 @@ pub struct Config {
     pub node: NodeConfig,
     /// The app role: data API and static files. Present in the no-config default.
     pub app: Option<AppConfig>,
+    /// The balancer role: a reverse proxy spreading requests over app servers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<BalancerConfig>,
 }
 
 impl Config {
@@ -27,6 +31,7 @@ impl Config {
         Config {
             node: NodeConfig::default(),
             app: Some(AppConfig::default()),
+            balancer: None,
         }
     }
 
@@ -35,6 +40,9 @@ impl Config {
         let mut roles = Vec::new();
         if self.app.is_some() {
             roles.push("app");
+        }
+        if self.balancer.is_some() {
+            roles.push("balancer");
         }
         roles
     }
