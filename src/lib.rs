@@ -9,13 +9,17 @@
 //! | [`node`] | starting the roles a config names; reload on SIGHUP; ordered shutdown |
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
 //! | [`app`] | the app role: routing, data API handlers, static files |
+//! | [`balancer`] | the balancer role: backend pool, pick policies, health, retry budget, TLS |
+//! | [`proxy`] | forwarding upstream: pooled client, header hygiene, streaming bodies |
 //! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine |
 //! | [`metrics`] | the Prometheus registry every role reports into |
 
 pub mod app;
+pub mod balancer;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod proxy;
 pub mod storage;
