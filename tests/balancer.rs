@@ -512,7 +512,7 @@ async fn hanging_backend_times_out_with_504_and_others_serve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abusive_clients_do_not_disturb_others() {
     let app = App::start("app1").await;
-    let extra = "[balancer.http]\nheader_read_timeout = \"1s\"\nmax_header_bytes = \"16KiB\"\n";
+    let extra = "idle_timeout = \"1s\"\n[balancer.http]\nheader_read_timeout = \"1s\"\nmax_header_bytes = \"16KiB\"\n";
     let lb = Lb::start(&[(app.addr, 1)], extra).await;
     let addr = lb.addr;
 
@@ -555,6 +555,24 @@ async fn abusive_clients_do_not_disturb_others() {
         s.write_all(&[b'z'; 1000]).unwrap();
     }
 
+    // A client that stalls mid-body gets 408 after the idle limit; the backend is not
+    // blamed for it.
+    let stalled = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"PUT /api/v1/x/stall HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\":",
+        )
+        .unwrap();
+        let started = Instant::now();
+        let mut out = vec![0u8; 4096];
+        let n = s.read(&mut out).unwrap_or(0);
+        (
+            String::from_utf8_lossy(&out[..n]).into_owned(),
+            started.elapsed(),
+        )
+    });
+
     // Meanwhile everyone else is served.
     let c = client();
     for _ in 0..20 {
@@ -565,6 +583,12 @@ async fn abusive_clients_do_not_disturb_others() {
         elapsed < Duration::from_millis(2500),
         "slowloris cut after {elapsed:?}"
     );
+    let (answer, waited) = stalled.join().unwrap();
+    assert_eq!(raw_status(&answer), Some(408), "{answer}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    let s = lb.status().await;
+    assert_eq!(s["backends"][0]["errors"], json!(0), "{s}");
+    assert_eq!(s["backends"][0]["state"], json!("healthy"), "{s}");
 
     // A body streams through (and Expect: 100-continue is answered).
     let body = format!("{{\"blob\":\"{}\"}}", "b".repeat(200_000));
@@ -822,4 +846,197 @@ fn bad_balancer_configs_are_refused_with_reasons() {
         assert!(!out.status.success(), "accepted: {text}");
         assert!(err.contains(needle), "{text} → {err}");
     }
+}
+
+/// Makes a self-signed certificate for `name` with the openssl CLI; None when it is absent.
+fn self_signed(
+    dir: &Path,
+    name: &str,
+    file: &str,
+) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let cert = dir.join(format!("{file}.pem"));
+    let key = dir.join(format!("{file}.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={name}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName=DNS:{name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .ok()?;
+    out.status.success().then_some((cert, key))
+}
+
+/// Accepts any server certificate (the test checks which one it got instead).
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects with TLS: returns the stream, the certificate served, and the ALPN protocol.
+async fn tls_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+    Option<Vec<u8>>,
+) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let (_, conn) = tls.get_ref();
+    let cert = conn.peer_certificates().unwrap()[0].as_ref().to_vec();
+    let proto = conn.alpn_protocol().map(<[u8]>::to_vec);
+    (tls, cert, proto)
+}
+
+fn pem_der(path: &Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
+    let certs = tempfile::tempdir().unwrap();
+    let Some((a_cert, a_key)) = self_signed(certs.path(), "a.test", "a") else {
+        eprintln!("openssl not available; skipping the TLS test");
+        return;
+    };
+    let (b_cert, b_key) = self_signed(certs.path(), "b.test", "b").unwrap();
+    let app = App::start("app1").await;
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\", sni = [{{ names = [\"b.test\"], cert = \"{}\", key = \"{}\" }}] }}",
+        a_cert.display(),
+        a_key.display(),
+        b_cert.display(),
+        b_key.display()
+    );
+    let lb = Lb::start(&[(app.addr, 1)], &tls).await;
+    assert_eq!(lb.status().await["tls"], json!(true));
+
+    // HTTP/2 by ALPN, default certificate.
+    let (stream, cert, proto) = tls_connect(lb.addr, "a.test", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(cert, pem_der(&a_cert));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://a.test/api/v1/who/me")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["via"], "1.1 strata");
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("app1"));
+
+    // HTTP/1.1 by ALPN, the SNI certificate.
+    let (stream, cert, proto) = tls_connect(lb.addr, "b.test", &[b"http/1.1"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(cert, pem_der(&b_cert));
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/api/v1/who/me")
+        .header("host", "b.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+
+    // A renewed certificate applies on reload to new connections.
+    let renewed = tempfile::tempdir().unwrap();
+    let (new_cert, new_key) = self_signed(renewed.path(), "a.test", "a").unwrap();
+    std::fs::copy(&new_cert, &a_cert).unwrap();
+    std::fs::copy(&new_key, &a_key).unwrap();
+    lb.reconfigure(&[(app.addr, 1)], &tls).await;
+    let (_, cert, _) = tls_connect(lb.addr, "a.test", &[b"h2"]).await;
+    assert_eq!(cert, pem_der(&new_cert));
+    assert_ne!(cert, pem_der(&b_cert));
+
+    // A plain-text client on the TLS port gets nowhere, and the port keeps serving.
+    let r = raw(
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert_eq!(raw_status(&r), None, "{r}");
+    let (_, cert, _) = tls_connect(lb.addr, "b.test", &[b"h2"]).await;
+    assert_eq!(cert, pem_der(&b_cert));
 }

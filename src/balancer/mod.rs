@@ -418,6 +418,9 @@ impl Balancer {
                 }
                 Err(SendFailure::Sent(e)) => {
                     backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    if !e.blames_upstream() {
+                        return Err(fail(problem_for(&e, backend.address, started)));
+                    }
                     self.failed(pool, backend, now);
                     // A timeout is not retried: the backend may still be working on it, and
                     // repeating slow requests is how retry storms start.
@@ -799,6 +802,7 @@ fn problem_for(e: &ProxyError, addr: SocketAddr, started: Instant) -> Problem {
             format!("bad gateway: {} ({addr})", e.what)
         }
         FailureKind::Upstream => format!("bad gateway: {} ({addr})", e.what),
+        FailureKind::ClientTimeout | FailureKind::ClientAborted => e.what.to_owned(),
     };
     Problem::new(status, detail)
 }

@@ -28,23 +28,27 @@ pub enum BodyStreamError {
 }
 
 pin_project! {
-    /// An incoming body with an idle limit between chunks.
+    /// An incoming body with an idle limit: once the reader asks for a chunk, the peer has
+    /// `limit` to deliver it. Time the reader spends not asking (a slow client on the
+    /// other side) does not count against the peer.
     pub struct IdleBody {
         #[pin]
         inner: Incoming,
         #[pin]
         idle: Sleep,
         limit: Duration,
+        waiting: bool,
     }
 }
 
 impl IdleBody {
-    /// Wraps `inner`; each chunk must follow the previous one within `limit`.
+    /// Wraps `inner`; each chunk must arrive within `limit` of being asked for.
     pub fn new(inner: Incoming, limit: Duration) -> Self {
         IdleBody {
             inner,
             idle: tokio::time::sleep(limit),
             limit,
+            waiting: false,
         }
     }
 }
@@ -58,17 +62,25 @@ impl HttpBody for IdleBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.idle.as_mut().reset(Instant::now() + *this.limit);
-                Poll::Ready(Some(Ok(frame)))
-            }
+        let polled = this.inner.poll_frame(cx);
+        if polled.is_ready() {
+            *this.waiting = false;
+        }
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyStreamError::Peer(e)))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.idle.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyStreamError::Idle(*this.limit)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if !*this.waiting {
+                    // The clock starts when we start waiting, not at the last chunk.
+                    *this.waiting = true;
+                    this.idle.as_mut().reset(Instant::now() + *this.limit);
+                }
+                match this.idle.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyStreamError::Idle(*this.limit)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

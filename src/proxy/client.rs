@@ -236,11 +236,7 @@ impl ConnPool {
                         return Err(SendFailure::NotSent(e, Box::new(back)));
                     }
                     None => {
-                        return Err(SendFailure::Sent(ProxyError::new(
-                            FailureKind::Upstream,
-                            "the backend failed before sending a response",
-                            Some(Box::new(e.into_error())),
-                        )))
+                        return Err(SendFailure::Sent(ProxyError::from_exchange(e.into_error())))
                     }
                 },
             }

@@ -26,6 +26,10 @@ pub enum FailureKind {
     ResponseTimeout,
     /// The connection broke or the upstream spoke bad HTTP before a response head.
     Upstream,
+    /// The client's request body stalled past the idle limit (not the upstream's fault).
+    ClientTimeout,
+    /// The client's request body broke off (not the upstream's fault).
+    ClientAborted,
 }
 
 /// An upstream exchange that produced no response.
@@ -52,13 +56,44 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self.kind {
             FailureKind::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            FailureKind::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            FailureKind::ClientAborted => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
 
-    /// Whether this counts against the backend's health (every kind does; kept as a method
-    /// so a future kind, e.g. a client abort, can opt out in one place).
+    /// Whether this counts against the backend's health and may be retried elsewhere: a
+    /// client that stalls or breaks off its body must not get backends ejected.
     pub fn blames_upstream(&self) -> bool {
-        true
+        !matches!(
+            self.kind,
+            FailureKind::ClientTimeout | FailureKind::ClientAborted
+        )
+    }
+
+    /// Classifies a failed exchange: the client's body failing is the client's fault.
+    pub fn from_exchange(e: hyper::Error) -> Self {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            if let Some(b) = c.downcast_ref::<body::BodyStreamError>() {
+                let (kind, what) = match b {
+                    body::BodyStreamError::Idle(_) => (
+                        FailureKind::ClientTimeout,
+                        "the client stopped sending its request body",
+                    ),
+                    body::BodyStreamError::Peer(_) => (
+                        FailureKind::ClientAborted,
+                        "the client's request body broke off",
+                    ),
+                };
+                return ProxyError::new(kind, what, Some(Box::new(e)));
+            }
+            cause = c.source();
+        }
+        ProxyError::new(
+            FailureKind::Upstream,
+            "the backend failed before sending a response",
+            Some(Box::new(e)),
+        )
     }
 }
