@@ -12,14 +12,18 @@
 //! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine, the storage server and its client |
 //! | [`tls`] | rustls server and client configs from PEM files (storage links; later the edge) |
 //! | [`cache`] | the byte-bounded, LSN-gated, scan-resistant cache the app and edge roles share |
+//! | [`balancer`] | the balancer role: backend pool, pick policies, health, retry budget, TLS |
+//! | [`proxy`] | forwarding upstream: pooled client, header hygiene, streaming bodies |
 //! | [`metrics`] | the Prometheus registry every role reports into |
 
 pub mod app;
+pub mod balancer;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod proxy;
 pub mod storage;
 pub mod tls;

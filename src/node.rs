@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::{static_files::StaticFiles, App, AppSettings};
+use crate::balancer::Balancer;
 use crate::config::{self, Config, ConfigError, LiveConfig, ReloadReport, Source, StorageTarget};
 use crate::http::admin::Admin;
 use crate::http::auth::Tokens;
@@ -58,6 +59,9 @@ pub enum NodeError {
     /// The link to remote storage could not be set up.
     #[error(transparent)]
     StorageClient(#[from] ClientError),
+    /// The balancer could not start (certificates).
+    #[error(transparent)]
+    Balancer(#[from] crate::balancer::BalancerError),
 }
 
 /// The parts of a running node that reload touches.
@@ -65,6 +69,7 @@ struct Running {
     live: Arc<LiveConfig>,
     tokens: Arc<ArcSwap<Tokens>>,
     app: Option<Arc<App>>,
+    balancer: Option<Arc<Balancer>>,
 }
 
 impl Running {
@@ -89,6 +94,13 @@ impl Running {
             },
             _ => None,
         };
+        let balancer = match (&self.balancer, &new.balancer) {
+            (Some(b), Some(cfg)) => match b.prepare(cfg) {
+                Ok(p) => Some(p),
+                Err(e) => return refused(e.to_string()),
+            },
+            _ => None,
+        };
         let restart: Vec<String> = config::restart_required(&old, &new)
             .into_iter()
             .map(str::to_owned)
@@ -96,6 +108,9 @@ impl Running {
         self.tokens.store(Arc::new(tokens));
         if let (Some(app), Some(s)) = (&self.app, app_settings) {
             app.apply(s);
+        }
+        if let (Some(b), Some(p)) = (&self.balancer, balancer) {
+            b.apply(p);
         }
         let version = config::version(&new);
         self.live.store(new);
@@ -228,10 +243,53 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         None => None,
     };
 
+    let balancer = match &config.balancer {
+        Some(cfg) => {
+            let balancer = Balancer::new(cfg, &metrics, stop_rx.clone())?;
+            admin.add_component(balancer.clone());
+            let listener = bind("balancer", cfg.listen).await?;
+            let addr = listener.local_addr().unwrap_or(cfg.listen);
+            balancer.set_listen(addr);
+            let tls = balancer.tls();
+            let proto = if tls.is_some() { "https" } else { "http" };
+            println!(
+                "strata: balancer listening on {proto}://{addr} ({} backends, {:?})",
+                cfg.backends.len(),
+                cfg.algorithm
+            );
+            tasks.spawn({
+                let b = balancer.clone();
+                let stop = stop_rx.clone();
+                async move {
+                    b.run_health(stop).await;
+                    0
+                }
+            });
+            let served = balancer.clone();
+            let limits = cfg.http.clone();
+            let stop = stop_rx.clone();
+            let make = move |peer| {
+                let b = served.clone();
+                hyper::service::service_fn(move |req| b.clone().handle(req, peer, proto))
+            };
+            tasks.spawn(async move {
+                match tls {
+                    Some(tls) => {
+                        crate::balancer::tls::serve(listener, &limits, tls, make, stop, grace).await
+                    }
+                    None => server::serve("balancer", listener, &limits, make, stop, grace).await,
+                }
+            });
+            Some(balancer)
+        }
+        None => None,
+    };
+
     let running = Arc::new(Running {
         live: live.clone(),
         tokens,
         app,
+        balancer,
     });
     let reloader = running.clone();
     admin.set_reloader(move || reloader.reload());

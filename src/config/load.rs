@@ -165,11 +165,23 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
         }
     }
     validate_storage(path, config)?;
+    if let Some(balancer) = &config.balancer {
+        crate::balancer::validate(balancer)
+            .map_err(|(field, reason)| ConfigError::invalid(path, &field, reason))?;
+        if config.app.is_none() && !node.admin.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                path,
+                "node.admin",
+                "the admin listener is on a non-loopback address but a balancer-only node has \
+                 no tokens to protect it; keep it on loopback",
+            ));
+        }
+    }
     if config.roles().is_empty() {
         return Err(ConfigError::invalid(
             path,
             "config",
-            "no role is switched on; add an [app] or [storage] section",
+            "no role is switched on; add an [app], [storage] or [balancer] section",
         ));
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! request, and a reload replaces the whole value at once, so no request ever sees half of
 //! an old config and half of a new one.
 
+pub mod balancer;
 pub mod load;
 pub mod model;
 pub mod secrets;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+pub use balancer::BalancerConfig;
 pub use load::ConfigError;
 pub use model::{AppConfig, Config, HttpLimits, NodeConfig, Scope, TokenConfig};
 pub use storage::{ClientTls, RemoteStorage, ServerTls, StorageConfig, StorageMode, StorageTarget};
@@ -117,6 +119,17 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         }
         if a.http != b.http {
             changed.push("app.http");
+        }
+    }
+    if let (Some(a), Some(b)) = (&old.balancer, &new.balancer) {
+        if a.listen != b.listen {
+            changed.push("balancer.listen");
+        }
+        if a.http != b.http {
+            changed.push("balancer.http");
+        }
+        if a.tls.is_some() != b.tls.is_some() {
+            changed.push("balancer.tls (switching TLS on or off)");
         }
     }
     changed

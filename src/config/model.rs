@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::balancer::BalancerConfig;
 pub use super::storage::{StorageConfig, StorageTarget};
 use super::units::{Dur, Size};
 use crate::app::static_files::CacheRule;
@@ -21,6 +22,9 @@ pub struct Config {
     pub app: Option<AppConfig>,
     /// The storage role: serves this node's engine to apps over TCP.
     pub storage: Option<StorageConfig>,
+    /// The balancer role: a reverse proxy spreading requests over app servers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<BalancerConfig>,
 }
 
 impl Config {
@@ -31,6 +35,7 @@ impl Config {
             node: NodeConfig::default(),
             app: Some(AppConfig::default()),
             storage: None,
+            balancer: None,
         }
     }
 
@@ -42,6 +47,9 @@ impl Config {
         }
         if self.storage.is_some() {
             roles.push("storage");
+        }
+        if self.balancer.is_some() {
+            roles.push("balancer");
         }
         roles
     }
