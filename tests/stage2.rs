@@ -737,3 +737,42 @@ fn shipped_stage2_configs_are_valid() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_with_another_secret_gets_503_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = start_node(
+        tmp.path(),
+        "storage",
+        &storage_config(&tmp.path().join("storage"), 0, ""),
+    );
+    let addr = storage.storage.unwrap();
+    let text = app_config(&tmp.path().join("app"), addr, "")
+        .replace(SECRET, "some-other-secret-0123456789");
+    let app = start_node(tmp.path(), "app", &text);
+    let r = client()
+        .put(format!("{}/api/v1/x/y", app.url()))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let p: Value = r.json().await.unwrap();
+    assert!(
+        p["detail"].as_str().unwrap().contains("cluster secret"),
+        "{p}"
+    );
+    let r = client()
+        .get(format!("{}/readyz", app.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.text().await.unwrap().contains("unreachable"));
+    let logs = plain(&storage.logs());
+    assert!(
+        logs.contains("hung up after the challenge"),
+        "the storage node names the likely cause: {logs}"
+    );
+}

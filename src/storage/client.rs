@@ -69,6 +69,8 @@ enum CallError {
     NotSent(String),
     /// It was handed to the connection but no answer came.
     Lost(String),
+    /// It is too large to send at all.
+    TooLarge(String),
 }
 
 impl RemoteStore {
@@ -270,10 +272,13 @@ impl RemoteStore {
         let retry = match &error {
             CallError::NotSent(_) => true,
             CallError::Lost(_) => idempotent,
+            CallError::TooLarge(_) => false,
         };
         if !retry {
-            let CallError::Lost(why) = error else {
-                return Err(self.unavailable());
+            let why = match error {
+                CallError::Lost(why) => why,
+                CallError::TooLarge(why) => return Err(StoreError::InvalidBatch(why)),
+                CallError::NotSent(_) => return Err(self.unavailable()),
             };
             tracing::warn!(storage = %self.shared.addr, reason = %why, "write outcome unknown");
             return Err(StoreError::OutcomeUnknown(format!(
@@ -291,6 +296,7 @@ impl RemoteStore {
         {
             Ok(r) => answer(r),
             Err(CallError::NotSent(why)) => Err(StoreError::Unavailable(why)),
+            Err(CallError::TooLarge(why)) => Err(StoreError::InvalidBatch(why)),
             Err(CallError::Lost(why)) if idempotent => Err(StoreError::Unavailable(why)),
             Err(CallError::Lost(why)) => Err(StoreError::OutcomeUnknown(format!(
                 "{why}; the write may or may not have been applied"
@@ -361,7 +367,7 @@ impl Conn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = frame_of(id);
         if frame.len() - 4 > max_frame {
-            return Err(CallError::NotSent(format!(
+            return Err(CallError::TooLarge(format!(
                 "the request is {} bytes, over the storage link's frame limit of {max_frame}",
                 frame.len() - 4
             )));

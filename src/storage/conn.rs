@@ -175,7 +175,10 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         server_proof: protocol::proof(secret, "server", &client_nonce, &server_nonce),
     };
     write_message(fr.get_mut(), &challenge).await?;
-    let Message::Auth { client_proof } = fr.expect().await? else {
+    let reply = fr.read().await?.ok_or(ProtocolError::Auth(
+        "the client hung up after the challenge (a different cluster secret?)",
+    ))?;
+    let Message::Auth { client_proof } = reply else {
         refuse(fr.get_mut(), "expected Auth").await;
         return Err(ProtocolError::Unexpected("expected Auth after the challenge").into());
     };
