@@ -10,6 +10,7 @@
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
 //! | [`app`] | the app role: routing, data API handlers, static files |
 //! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine |
+//! | [`edge`] | the edge role: RFC 9111 HTTP cache, Vary-keyed object store, coalescing, purge |
 //! | [`cache`] | the byte-bounded, LSN-gated, scan-resistant cache the app and edge roles share |
 //! | [`metrics`] | the Prometheus registry every role reports into |
 
@@ -17,6 +18,7 @@ pub mod app;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -161,11 +161,14 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    if let Some(edge) = &config.edge {
+        edge.validate(path)?;
+    }
     if config.roles().is_empty() {
         return Err(ConfigError::invalid(
             path,
             "config",
-            "no role is switched on; add an [app] section",
+            "no role is switched on; add an [app] or [edge] section",
         ));
     }
     Ok(())

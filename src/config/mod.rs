@@ -5,6 +5,7 @@
 //! request, and a reload replaces the whole value at once, so no request ever sees half of
 //! an old config and half of a new one.
 
+pub mod edge;
 pub mod load;
 pub mod model;
 pub mod secrets;
@@ -107,6 +108,17 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         }
         if a.http != b.http {
             changed.push("app.http");
+        }
+    }
+    if let (Some(a), Some(b)) = (&old.edge, &new.edge) {
+        if a.listen != b.listen {
+            changed.push("edge.listen");
+        }
+        if a.tls != b.tls {
+            changed.push("edge.tls");
+        }
+        if a.http != b.http {
+            changed.push("edge.http");
         }
     }
     changed

@@ -18,6 +18,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// The app role: data API and static files. Present in the no-config default.
     pub app: Option<AppConfig>,
+    /// The edge role: an RFC 9111 HTTP cache in front of the origins.
+    pub edge: Option<super::edge::EdgeConfig>,
 }
 
 impl Config {
@@ -27,6 +29,7 @@ impl Config {
         Config {
             node: NodeConfig::default(),
             app: Some(AppConfig::default()),
+            edge: None,
         }
     }
 
@@ -35,6 +38,9 @@ impl Config {
         let mut roles = Vec::new();
         if self.app.is_some() {
             roles.push("app");
+        }
+        if self.edge.is_some() {
+            roles.push("edge");
         }
         roles
     }
