@@ -50,6 +50,9 @@ pub enum NodeError {
     /// A secret (token) could not be read.
     #[error(transparent)]
     Secret(#[from] config::secrets::SecretError),
+    /// The edge role could not be built.
+    #[error(transparent)]
+    Edge(#[from] crate::edge::EdgeError),
 }
 
 /// The parts of a running node that reload touches.
@@ -57,6 +60,7 @@ struct Running {
     live: Arc<LiveConfig>,
     tokens: Arc<ArcSwap<Tokens>>,
     app: Option<Arc<App>>,
+    edge: Option<Arc<crate::edge::Edge>>,
 }
 
 impl Running {
@@ -70,7 +74,7 @@ impl Running {
             Err(e) => return refused(e.to_string()),
         };
         // Prepare everything first; nothing changes unless all of it succeeds.
-        let tokens = match Tokens::from_config(new.app.as_ref().map_or(&[][..], |a| &a.tokens)) {
+        let tokens = match Tokens::from_config(&all_tokens(&new)) {
             Ok(t) => t,
             Err(e) => return refused(e.to_string()),
         };
@@ -88,6 +92,9 @@ impl Running {
         self.tokens.store(Arc::new(tokens));
         if let (Some(app), Some(s)) = (&self.app, app_settings) {
             app.apply(s);
+        }
+        if let (Some(edge), Some(cfg)) = (&self.edge, &new.edge) {
+            edge.apply(cfg);
         }
         let version = config::version(&new);
         self.live.store(new);
@@ -109,9 +116,9 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let live = Arc::new(LiveConfig::new(source, config.clone()));
     let metrics = Metrics::new();
-    let tokens = Arc::new(ArcSwap::from_pointee(Tokens::from_config(
-        config.app.as_ref().map_or(&[][..], |a| &a.tokens),
-    )?));
+    let tokens = Arc::new(ArcSwap::from_pointee(Tokens::from_config(&all_tokens(
+        &config,
+    ))?));
     let admin = Admin::new(live.clone(), metrics.clone(), tokens.clone());
     let grace = config.node.shutdown_grace.get();
     let mut tasks = tokio::task::JoinSet::new();
@@ -173,10 +180,45 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         None => None,
     };
 
+    let edge = match &config.edge {
+        Some(edge_cfg) => {
+            let edge = crate::edge::Edge::new(edge_cfg, &metrics)?;
+            admin.add_component(edge.clone());
+            let purger = edge.clone();
+            admin.set_purger(move |url, prefix| purger.purge(url, prefix));
+            let listener = bind("edge", edge_cfg.listen).await?;
+            let addr = listener.local_addr().unwrap_or(edge_cfg.listen);
+            println!(
+                "strata: edge listening on http://{addr} (caching {})",
+                edge_cfg.upstreams.join(", ")
+            );
+            let served = edge.clone();
+            let limits = edge_cfg.http.clone();
+            let stop = stop_rx.clone();
+            tasks.spawn(async move {
+                server::serve(
+                    "edge",
+                    listener,
+                    &limits,
+                    move |peer| {
+                        let edge = served.clone();
+                        hyper::service::service_fn(move |req| edge.clone().handle(req, peer))
+                    },
+                    stop,
+                    grace,
+                )
+                .await
+            });
+            Some(edge)
+        }
+        None => None,
+    };
+
     let running = Arc::new(Running {
         live: live.clone(),
         tokens,
         app,
+        edge,
     });
     let reloader = running.clone();
     admin.set_reloader(move || reloader.reload());
@@ -231,6 +273,18 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tokens declared by every role section (the admin endpoints accept any of them).
+fn all_tokens(config: &Config) -> Vec<config::TokenConfig> {
+    let mut t = config
+        .app
+        .as_ref()
+        .map_or_else(Vec::new, |a| a.tokens.clone());
+    if let Some(e) = &config.edge {
+        t.extend(e.tokens.iter().cloned());
+    }
+    t
 }
 
 fn open_engine(config: &Config, metrics: &Metrics) -> Result<Arc<Engine>, NodeError> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::load::ConfigError;
-use super::model::HttpLimits;
+use super::model::{HttpLimits, TokenConfig};
 use super::units::{Dur, Size};
 
 /// `[edge]`: where the cache listens, what it forwards to, and how much it keeps.
@@ -47,6 +47,9 @@ pub struct EdgeConfig {
     pub heuristic_max: Dur,
     /// Listener limits and timeouts. Needs a restart to change.
     pub http: HttpLimits,
+    /// Bearer tokens for the admin endpoints (`/admin/purge` needs the admin scope), on
+    /// nodes without an `[app]` section to declare them. Applies live.
+    pub tokens: Vec<TokenConfig>,
 }
 
 impl Default for EdgeConfig {
@@ -65,6 +68,7 @@ impl Default for EdgeConfig {
             heuristic_fraction: 0.1,
             heuristic_max: Dur::secs(86_400),
             http: HttpLimits::default(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -151,6 +155,11 @@ impl EdgeConfig {
                 "edge.http.max_connections",
                 "must be at least 1",
             ));
+        }
+        for (i, token) in self.tokens.iter().enumerate() {
+            super::secrets::resolve_token(token).map_err(|e| {
+                ConfigError::invalid(path, &format!("edge.tokens[{i}]"), e.to_string())
+            })?;
         }
         if let Some(tls) = &self.tls {
             for (field, p) in [("edge.tls.cert", &tls.cert), ("edge.tls.key", &tls.key)] {
