@@ -11,6 +11,7 @@
 //! | [`app`] | the app role: routing, data API handlers, static files |
 //! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine, the storage server and its client |
 //! | [`tls`] | rustls server and client configs from PEM files (storage links; later the edge) |
+//! | [`edge`] | the edge role: RFC 9111 HTTP cache, Vary-keyed object store, coalescing, purge |
 //! | [`cache`] | the byte-bounded, LSN-gated, scan-resistant cache the app and edge roles share |
 //! | [`balancer`] | the balancer role: backend pool, pick policies, health, retry budget, TLS |
 //! | [`proxy`] | forwarding upstream: pooled client, header hygiene, streaming bodies |
@@ -21,6 +22,7 @@ pub mod balancer;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod http;
 pub mod metrics;
 pub mod node;

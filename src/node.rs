@@ -62,6 +62,9 @@ pub enum NodeError {
     /// The balancer could not start (certificates).
     #[error(transparent)]
     Balancer(#[from] crate::balancer::BalancerError),
+    /// The edge role could not be built.
+    #[error(transparent)]
+    Edge(#[from] crate::edge::EdgeError),
 }
 
 /// The parts of a running node that reload touches.
@@ -70,6 +73,7 @@ struct Running {
     tokens: Arc<ArcSwap<Tokens>>,
     app: Option<Arc<App>>,
     balancer: Option<Arc<Balancer>>,
+    edge: Option<Arc<crate::edge::Edge>>,
 }
 
 impl Running {
@@ -83,7 +87,7 @@ impl Running {
             Err(e) => return refused(e.to_string()),
         };
         // Prepare everything first; nothing changes unless all of it succeeds.
-        let tokens = match Tokens::from_config(new.app.as_ref().map_or(&[][..], |a| &a.tokens)) {
+        let tokens = match Tokens::from_config(&all_tokens(&new)) {
             Ok(t) => t,
             Err(e) => return refused(e.to_string()),
         };
@@ -112,6 +116,9 @@ impl Running {
         if let (Some(b), Some(p)) = (&self.balancer, balancer) {
             b.apply(p);
         }
+        if let (Some(edge), Some(cfg)) = (&self.edge, &new.edge) {
+            edge.apply(cfg);
+        }
         let version = config::version(&new);
         self.live.store(new);
         let message = if restart.is_empty() {
@@ -132,9 +139,9 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let live = Arc::new(LiveConfig::new(source, config.clone()));
     let metrics = Metrics::new();
-    let tokens = Arc::new(ArcSwap::from_pointee(Tokens::from_config(
-        config.app.as_ref().map_or(&[][..], |a| &a.tokens),
-    )?));
+    let tokens = Arc::new(ArcSwap::from_pointee(Tokens::from_config(&all_tokens(
+        &config,
+    ))?));
     let admin = Admin::new(live.clone(), metrics.clone(), tokens.clone());
     let grace = config.node.shutdown_grace.get();
     let mut tasks = tokio::task::JoinSet::new();
@@ -284,12 +291,46 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         }
         None => None,
     };
+    let edge = match &config.edge {
+        Some(edge_cfg) => {
+            let edge = crate::edge::Edge::new(edge_cfg, &metrics)?;
+            admin.add_component(edge.clone());
+            let purger = edge.clone();
+            admin.set_purger(move |url, prefix| purger.purge(url, prefix));
+            let listener = bind("edge", edge_cfg.listen).await?;
+            let addr = listener.local_addr().unwrap_or(edge_cfg.listen);
+            println!(
+                "strata: edge listening on http://{addr} (caching {})",
+                edge_cfg.upstreams.join(", ")
+            );
+            let served = edge.clone();
+            let limits = edge_cfg.http.clone();
+            let stop = stop_rx.clone();
+            tasks.spawn(async move {
+                server::serve(
+                    "edge",
+                    listener,
+                    &limits,
+                    move |peer| {
+                        let edge = served.clone();
+                        hyper::service::service_fn(move |req| edge.clone().handle(req, peer))
+                    },
+                    stop,
+                    grace,
+                )
+                .await
+            });
+            Some(edge)
+        }
+        None => None,
+    };
 
     let running = Arc::new(Running {
         live: live.clone(),
         tokens,
         app,
         balancer,
+        edge,
     });
     let reloader = running.clone();
     admin.set_reloader(move || reloader.reload());
@@ -356,6 +397,18 @@ fn cluster_secret(config: &Config) -> Result<Vec<u8>, NodeError> {
             "no cluster secret configured",
         ))),
     }
+}
+
+/// Tokens declared by every role section (the admin endpoints accept any of them).
+fn all_tokens(config: &Config) -> Vec<config::TokenConfig> {
+    let mut t = config
+        .app
+        .as_ref()
+        .map_or_else(Vec::new, |a| a.tokens.clone());
+    if let Some(e) = &config.edge {
+        t.extend(e.tokens.iter().cloned());
+    }
+    t
 }
 
 fn open_engine(config: &Config, metrics: &Metrics) -> Result<Arc<Engine>, NodeError> {

@@ -328,6 +328,16 @@ where
         self.flights.clear();
     }
 
+    /// Keys held now (values and negative entries alike) for which `pred` holds: what a
+    /// purge by pattern (the edge's purge by URL prefix) needs. Walks every shard, so it
+    /// costs O(entries): for admin paths, never for lookups.
+    pub fn keys_where(&self, mut pred: impl FnMut(&K) -> bool) -> Vec<K> {
+        self.backend
+            .iter()
+            .filter_map(|(k, _)| pred(&k).then_some(k))
+            .collect()
+    }
+
     /// Changes the byte bound live. Shrinking evicts, before returning, until the contents
     /// fit.
     pub fn set_capacity(&self, bytes: u64) {

@@ -177,11 +177,14 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    if let Some(edge) = &config.edge {
+        edge.validate(path)?;
+    }
     if config.roles().is_empty() {
         return Err(ConfigError::invalid(
             path,
             "config",
-            "no role is switched on; add an [app], [storage] or [balancer] section",
+            "no role is switched on; add an [app], [storage], [balancer] or [edge] section",
         ));
     }
     Ok(())

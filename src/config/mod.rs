@@ -6,6 +6,7 @@
 //! an old config and half of a new one.
 
 pub mod balancer;
+pub mod edge;
 pub mod load;
 pub mod model;
 pub mod secrets;
@@ -130,6 +131,17 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         }
         if a.tls.is_some() != b.tls.is_some() {
             changed.push("balancer.tls (switching TLS on or off)");
+        }
+    }
+    if let (Some(a), Some(b)) = (&old.edge, &new.edge) {
+        if a.listen != b.listen {
+            changed.push("edge.listen");
+        }
+        if a.tls != b.tls {
+            changed.push("edge.tls");
+        }
+        if a.http != b.http {
+            changed.push("edge.http");
         }
     }
     changed

@@ -25,6 +25,8 @@ pub struct Config {
     /// The balancer role: a reverse proxy spreading requests over app servers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balancer: Option<BalancerConfig>,
+    /// The edge role: an RFC 9111 HTTP cache in front of the origins.
+    pub edge: Option<super::edge::EdgeConfig>,
 }
 
 impl Config {
@@ -36,6 +38,7 @@ impl Config {
             app: Some(AppConfig::default()),
             storage: None,
             balancer: None,
+            edge: None,
         }
     }
 
@@ -50,6 +53,9 @@ impl Config {
         }
         if self.balancer.is_some() {
             roles.push("balancer");
+        }
+        if self.edge.is_some() {
+            roles.push("edge");
         }
         roles
     }

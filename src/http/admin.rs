@@ -26,6 +26,7 @@ pub trait Component: Send + Sync {
 }
 
 type Reloader = Box<dyn Fn() -> ReloadReport + Send + Sync>;
+type Purger = Box<dyn Fn(Option<&str>, Option<&str>) -> usize + Send + Sync>;
 
 /// State behind the admin endpoints.
 pub struct Admin {
@@ -35,6 +36,7 @@ pub struct Admin {
     tokens: Arc<ArcSwap<Tokens>>,
     components: Mutex<Vec<Arc<dyn Component>>>,
     reloader: OnceLock<Reloader>,
+    purger: OnceLock<Purger>,
     last_reload: Mutex<Option<ReloadReport>>,
 }
 
@@ -52,6 +54,7 @@ impl Admin {
             tokens,
             components: Mutex::new(Vec::new()),
             reloader: OnceLock::new(),
+            purger: OnceLock::new(),
             last_reload: Mutex::new(None),
         })
     }
@@ -66,6 +69,15 @@ impl Admin {
     /// Sets the function `POST /admin/reload` calls (the node's reload).
     pub fn set_reloader(&self, f: impl Fn() -> ReloadReport + Send + Sync + 'static) {
         let _ = self.reloader.set(Box::new(f));
+    }
+
+    /// Sets the function `POST /admin/purge` calls with the `url` or `prefix` of its JSON
+    /// body (the edge's purge); it returns how many stored URLs it dropped.
+    pub fn set_purger(
+        &self,
+        f: impl Fn(Option<&str>, Option<&str>) -> usize + Send + Sync + 'static,
+    ) {
+        let _ = self.purger.set(Box::new(f));
     }
 
     /// Runs the node's reload, records the outcome for `/admin/status`, then logs it (in
@@ -130,10 +142,60 @@ impl Admin {
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
-        let (route, resp) = self.clone().route(&req).await;
+        let (route, resp) = if req.uri().path() == "/admin/purge" {
+            ("purge", self.purge(req).await)
+        } else {
+            self.clone().route(&req).await
+        };
         self.metrics
             .observe_request("admin", route, resp.status().as_u16(), started.elapsed());
         Ok(resp)
+    }
+
+    /// `POST /admin/purge` with `{"url": "..."}` and/or `{"prefix": "..."}`; admin token.
+    async fn purge(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        use http_body_util::BodyExt;
+        if req.method() != Method::POST {
+            return method_not_allowed(&[Method::POST]);
+        }
+        if let Err(problem) = self.tokens.load().check(req.headers(), Scope::Admin) {
+            return problem.into_response();
+        }
+        let Some(purger) = self.purger.get() else {
+            return Problem::new(StatusCode::NOT_FOUND, "no edge cache runs on this node")
+                .into_response();
+        };
+        let limited = http_body_util::Limited::new(req.into_body(), 64 * 1024);
+        let bytes =
+            match tokio::time::timeout(std::time::Duration::from_secs(10), limited.collect()).await
+            {
+                Ok(Ok(b)) => b.to_bytes(),
+                _ => {
+                    return Problem::new(StatusCode::BAD_REQUEST, "cannot read the request body")
+                        .into_response()
+                }
+            };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Purge {
+            url: Option<String>,
+            prefix: Option<String>,
+        }
+        let p: Purge = match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                return Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected {{\"url\": ...}} or {{\"prefix\": ...}}: {e}"),
+                )
+                .into_response()
+            }
+        };
+        if p.url.is_none() && p.prefix.is_none() {
+            return Problem::new(StatusCode::BAD_REQUEST, "name a url or a prefix").into_response();
+        }
+        let purged = purger(p.url.as_deref(), p.prefix.as_deref());
+        json_response(StatusCode::OK, &json!({ "purged": purged }))
     }
 
     async fn route(

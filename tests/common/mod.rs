@@ -23,6 +23,8 @@ pub struct Node {
     /// The storage listener, from "strata: storage listening on tcp://ADDR".
     pub storage: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// Every "strata: <role> listening on http://ADDR" line seen at start, by role.
+    pub listening: std::collections::HashMap<String, SocketAddr>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -88,6 +90,7 @@ impl Node {
         let mut app = None;
         let mut storage = None;
         let mut admin = None;
+        let mut listening = std::collections::HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while admin.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -107,6 +110,15 @@ impl Node {
                     .and_then(|r| r.split_whitespace().next())
                     .and_then(|a| a.parse::<SocketAddr>().ok())
             };
+            if let Some(role) = line
+                .strip_prefix("strata: ")
+                .and_then(|r| r.split_once(" listening on http://"))
+                .map(|(role, _)| role.to_owned())
+            {
+                if let Some(a) = addr() {
+                    listening.insert(role, a);
+                }
+            }
             if line.starts_with("strata: app listening on") {
                 app = addr();
             } else if line.starts_with("strata: storage listening on") {
@@ -126,6 +138,7 @@ impl Node {
             app,
             storage,
             admin: admin.expect("admin address"),
+            listening,
             stderr,
             _tmp: None,
         }

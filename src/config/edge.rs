@@ -1,0 +1,177 @@
+//! `[edge]`: the HTTP cache (CDN tier) in front of the balancer or the apps.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::load::ConfigError;
+use super::model::{HttpLimits, TokenConfig};
+use super::units::{Dur, Size};
+
+/// `[edge]`: where the cache listens, what it forwards to, and how much it keeps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Where clients connect. Needs a restart to change.
+    pub listen: SocketAddr,
+    /// Origins (`host:port`), used round robin; one that fails is skipped for
+    /// `upstream_down_for`. Applies live.
+    pub upstreams: Vec<String>,
+    /// Sizes of the object store. Applies live (shrinking evicts at once).
+    pub cache: EdgeCacheConfig,
+    /// TLS termination; unset serves plain HTTP/1.1 and h2c. Needs a restart to change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EdgeTls>,
+    /// Accept the non-standard `PURGE` method on the public listener. Off by default: anyone
+    /// who reaches the listener could empty the cache. Prefer `POST /admin/purge`.
+    pub purge_method: bool,
+    /// Compress compressible types (text, JSON, JS, SVG, XML) with gzip or brotli when the
+    /// origin sent them unencoded and the client accepts it. Applies live.
+    pub compress: bool,
+    /// Time to connect to an origin. Applies live.
+    pub connect_timeout: Dur,
+    /// Time an origin has to send the response head, and then to send each body chunk.
+    /// Applies live.
+    pub upstream_timeout: Dur,
+    /// How long a skipped (failed) origin stays out of rotation. Applies live.
+    pub upstream_down_for: Dur,
+    /// Longest a request waits for another request's fetch of the same object before going
+    /// upstream itself. Applies live.
+    pub coalesce_wait: Dur,
+    /// Fraction of the time since `Last-Modified` used as heuristic freshness, for responses
+    /// with no explicit freshness whose status allows heuristics (RFC 9111 §4.2.2). Zero
+    /// disables heuristics. Applies live.
+    pub heuristic_fraction: f64,
+    /// Upper bound of a heuristic freshness lifetime. Applies live.
+    pub heuristic_max: Dur,
+    /// Listener limits and timeouts. Needs a restart to change.
+    pub http: HttpLimits,
+    /// Bearer tokens for the admin endpoints (`/admin/purge` needs the admin scope), on
+    /// nodes without an `[app]` section to declare them. Applies live.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            upstreams: Vec::new(),
+            cache: EdgeCacheConfig::default(),
+            tls: None,
+            purge_method: false,
+            compress: true,
+            connect_timeout: Dur::secs(3),
+            upstream_timeout: Dur::secs(30),
+            upstream_down_for: Dur::secs(5),
+            coalesce_wait: Dur::secs(10),
+            heuristic_fraction: 0.1,
+            heuristic_max: Dur::secs(86_400),
+            http: HttpLimits::default(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// `[edge.cache]`: the object store's bounds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeCacheConfig {
+    /// Total bytes of stored responses (bodies, headers, keys, bookkeeping).
+    pub max_bytes: Size,
+    /// Largest body stored; larger responses stream through without being buffered.
+    pub max_object_size: Size,
+}
+
+impl Default for EdgeCacheConfig {
+    fn default() -> Self {
+        EdgeCacheConfig {
+            max_bytes: Size(256 << 20),
+            max_object_size: Size(8 << 20),
+        }
+    }
+}
+
+/// Certificate and key for TLS termination (PEM files).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeTls {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl EdgeConfig {
+    /// The checks serde cannot express.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.upstreams",
+                "name at least one origin, e.g. upstreams = [\"127.0.0.1:8080\"]",
+            ));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let ok = u
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok || u.contains('/') {
+                return Err(ConfigError::invalid(
+                    path,
+                    &format!("edge.upstreams[{i}]"),
+                    format!("{u:?} is not host:port"),
+                ));
+            }
+        }
+        if self.cache.max_object_size.bytes() == 0
+            || self.cache.max_object_size > self.cache.max_bytes
+        {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.cache.max_object_size",
+                "must be more than 0 and at most cache.max_bytes",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.heuristic_fraction) {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.heuristic_fraction",
+                "must be between 0 and 1",
+            ));
+        }
+        for (field, d) in [
+            ("edge.connect_timeout", self.connect_timeout),
+            ("edge.upstream_timeout", self.upstream_timeout),
+            ("edge.coalesce_wait", self.coalesce_wait),
+        ] {
+            if d.get().is_zero() {
+                return Err(ConfigError::invalid(path, field, "must be more than 0"));
+            }
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.http.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (i, token) in self.tokens.iter().enumerate() {
+            super::secrets::resolve_token(token).map_err(|e| {
+                ConfigError::invalid(path, &format!("edge.tokens[{i}]"), e.to_string())
+            })?;
+        }
+        if let Some(tls) = &self.tls {
+            for (field, p) in [("edge.tls.cert", &tls.cert), ("edge.tls.key", &tls.key)] {
+                if !p.is_file() {
+                    return Err(ConfigError::invalid(
+                        path,
+                        field,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

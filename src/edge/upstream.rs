@@ -1,0 +1,279 @@
+//! Reaching the origins: a pooled keep-alive client, round robin over the configured
+//! upstreams, and simple passive health (an upstream that fails to connect or answer is
+//! skipped for a while). Bodies coming back are wrapped so that an origin that goes quiet
+//! mid-body ends the response with an error instead of hanging it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Sleep;
+
+use crate::config::edge::EdgeConfig;
+use crate::http::body::{self, Body, BodyError};
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No upstream answered within the timeout.
+    #[error("upstream {0} timed out")]
+    Timeout(String),
+    /// The connection could not be made or broke before a response head.
+    #[error("upstream {upstream}: {reason}")]
+    Failed {
+        /// Which upstream.
+        upstream: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The request could not be built (bad target).
+    #[error("cannot build the upstream request: {0}")]
+    Request(String),
+}
+
+/// The upstream set of one config version.
+pub struct Upstreams {
+    list: Vec<Upstream>,
+    next: AtomicUsize,
+    client: Client<HttpConnector, Body>,
+    timeout: Duration,
+    down_for: Duration,
+    origin: Instant,
+}
+
+struct Upstream {
+    authority: String,
+    /// Milliseconds since `origin` until which this upstream is skipped.
+    down_until: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Upstreams {
+    /// Builds the client and the rotation from config.
+    pub fn new(cfg: &EdgeConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout.get()));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Upstreams {
+            list: cfg
+                .upstreams
+                .iter()
+                .map(|a| Upstream {
+                    authority: a.clone(),
+                    down_until: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            client,
+            timeout: cfg.upstream_timeout.get(),
+            down_for: cfg.upstream_down_for.get(),
+            origin: Instant::now(),
+        }
+    }
+
+    /// The per-wait timeout (response head, and each body chunk).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The next upstream in rotation that is not marked down (or the next one at all when
+    /// every one is down: better to try than to fail without trying).
+    fn pick(&self) -> usize {
+        let n = self.list.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.list[i].down_until.load(Ordering::Relaxed) <= now)
+            .unwrap_or(start % n)
+    }
+
+    fn mark_down(&self, i: usize) {
+        let until = self
+            .now_ms()
+            .saturating_add(self.down_for.as_millis() as u64);
+        self.list[i].down_until.store(until, Ordering::Relaxed);
+        self.list[i].failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sends a request. Without a body it is retried once on another upstream when the
+    /// first fails before answering (safe: nothing reached the application).
+    pub async fn send(
+        &self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: Option<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let retryable = body.is_none() && self.list.len() > 1;
+        let mut body = body;
+        let attempts = if retryable { 2 } else { 1 };
+        let mut last = None;
+        for _ in 0..attempts {
+            let i = self.pick();
+            let up = &self.list[i];
+            let uri: Uri = format!("http://{}{target}", up.authority)
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| UpstreamError::Request(e.to_string()))?;
+            let mut req = Request::new(body.take().unwrap_or_else(body::empty));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri;
+            *req.headers_mut() = headers.clone();
+            match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) => {
+                    self.mark_down(i);
+                    let mut reason = e.to_string();
+                    if let Some(src) = std::error::Error::source(&e) {
+                        reason = format!("{reason}: {src}");
+                    }
+                    last = Some(UpstreamError::Failed {
+                        upstream: up.authority.clone(),
+                        reason,
+                    });
+                }
+                Err(_) => {
+                    self.mark_down(i);
+                    last = Some(UpstreamError::Timeout(up.authority.clone()));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| UpstreamError::Request("no upstream".into())))
+    }
+
+    /// Health per upstream, for `/admin/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let now = self.now_ms();
+        self.list
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "upstream": u.authority,
+                    "healthy": u.down_until.load(Ordering::Relaxed) <= now,
+                    "failures": u.failures.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
+}
+
+/// How reading a body to store it ended.
+pub enum Collected {
+    /// The whole body, within the limit.
+    Full(Bytes),
+    /// More than the limit: what was read so far and the rest, to stream on.
+    TooLarge(Bytes, Incoming),
+}
+
+/// Reads a whole body, waiting at most `idle` for each chunk, up to `limit` bytes.
+/// A body that errors (reset, truncated against its Content-Length, idle) is an error: it
+/// must never be stored.
+pub async fn collect(
+    mut incoming: Incoming,
+    limit: usize,
+    idle: Duration,
+) -> Result<Collected, BodyError> {
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, incoming.frame()).await {
+            Err(_) => return Err("upstream body went idle".into()),
+            Ok(None) => return Ok(Collected::Full(buf.freeze())),
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                return Ok(Collected::TooLarge(buf.freeze(), incoming));
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A streamed upstream body that fails when the origin is silent for longer than
+    /// `idle`, optionally preceded by bytes already read.
+    pub struct IdleBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        sleep: Sleep,
+        idle: Duration,
+        prefix: Option<Bytes>,
+    }
+}
+
+impl IdleBody {
+    /// Wraps `inner`, sending `prefix` first.
+    pub fn boxed(inner: Incoming, idle: Duration, prefix: Option<Bytes>) -> Body {
+        IdleBody {
+            inner,
+            sleep: tokio::time::sleep(idle),
+            idle,
+            prefix,
+        }
+        .boxed()
+    }
+}
+
+impl HttpBody for IdleBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut this = self.project();
+        if let Some(p) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(r) => {
+                let deadline = tokio::time::Instant::now() + *this.idle;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(r.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("upstream body went idle".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let mut h = self.inner.size_hint();
+        if let Some(p) = &self.prefix {
+            let n = p.len() as u64;
+            h.set_lower(h.lower() + n);
+            if let Some(u) = h.upper() {
+                h.set_upper(u + n);
+            }
+        }
+        h
+    }
+}

@@ -1,0 +1,722 @@
+//! The edge role through the real binary, in front of an in-process origin whose replies
+//! each test scripts per path (headers, body, delay, failures) and which counts requests.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Node;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Default)]
+enum Kind {
+    #[default]
+    Normal,
+    /// Promise the whole body, send half, close.
+    ResetMidBody,
+    /// A response head hyper refuses.
+    Malformed,
+}
+
+#[derive(Clone, Default)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    delay: Duration,
+    kind: Kind,
+    /// Answer 304 (with `headers`) when If-None-Match carries this.
+    etag_304: Option<String>,
+    /// Body = the value of this request header.
+    echo: Option<String>,
+}
+
+fn reply(cc: &str, body: &str) -> Reply {
+    Reply {
+        status: 200,
+        headers: vec![
+            ("cache-control".into(), cc.into()),
+            ("content-type".into(), "text/plain".into()),
+        ],
+        body: body.as_bytes().to_vec(),
+        ..Reply::default()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    routes: Mutex<HashMap<String, Reply>>,
+    hits: Mutex<HashMap<String, usize>>,
+    last: Mutex<HashMap<String, HashMap<String, String>>>,
+    down: AtomicBool,
+}
+
+struct Origin {
+    addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl Origin {
+    async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let s = state.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve(sock, s.clone()));
+            }
+        });
+        Origin { addr, state }
+    }
+
+    fn route(&self, path: &str, r: Reply) {
+        self.state.routes.lock().unwrap().insert(path.into(), r);
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        *self.state.hits.lock().unwrap().get(path).unwrap_or(&0)
+    }
+
+    fn last_header(&self, path: &str, name: &str) -> Option<String> {
+        self.state
+            .last
+            .lock()
+            .unwrap()
+            .get(path)
+            .and_then(|h| h.get(name).cloned())
+    }
+
+    fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+}
+
+async fn serve(mut sock: TcpStream, state: Arc<State>) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut rl = lines.next().unwrap_or("").split(' ');
+        let method = rl.next().unwrap_or("").to_owned();
+        let path = rl.next().unwrap_or("/").to_owned();
+        let headers: HashMap<String, String> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + len);
+        if state.down.load(Ordering::SeqCst) {
+            return; // close without answering
+        }
+        *state.hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+        state
+            .last
+            .lock()
+            .unwrap()
+            .insert(path.clone(), headers.clone());
+        let r = state
+            .routes
+            .lock()
+            .unwrap()
+            .get(&path)
+            .cloned()
+            .unwrap_or_else(|| Reply {
+                status: 404,
+                body: b"no route".to_vec(),
+                ..Reply::default()
+            });
+        if !r.delay.is_zero() {
+            tokio::time::sleep(r.delay).await;
+        }
+        let mut status = r.status;
+        let mut body = r.body.clone();
+        if let Some(h) = &r.echo {
+            body = headers.get(h).cloned().unwrap_or_default().into_bytes();
+        }
+        if let (Some(e), Some(inm)) = (&r.etag_304, headers.get("if-none-match")) {
+            if inm == e {
+                status = 304;
+                body.clear();
+            }
+        }
+        let mut out = format!("HTTP/1.1 {status} X\r\n");
+        for (k, v) in &r.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        match r.kind {
+            Kind::Malformed => {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\nxx")
+                    .await;
+                return;
+            }
+            Kind::ResetMidBody => {
+                out.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+                let _ = sock.write_all(out.as_bytes()).await;
+                let _ = sock.write_all(&body[..body.len() / 2]).await;
+                let _ = sock.flush().await;
+                return;
+            }
+            Kind::Normal => {}
+        }
+        if status != 304 {
+            out.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        if status != 304 && method != "HEAD" {
+            bytes.extend_from_slice(&body);
+        }
+        if sock.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn start_edge(origin: &Origin, extra: &str) -> (Node, String, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nname = \"edge-test\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{}\"]\nupstream_down_for = \"50ms\"\nupstream_timeout = \"5s\"\n{extra}\n",
+        tmp.path().join("data").display(),
+        origin.addr
+    );
+    let node = Node::start_with(tmp.path(), &text);
+    let url = format!("http://{}", node.listening["edge"]);
+    (node, url, tmp)
+}
+
+fn cache_status(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String, reqwest::header::HeaderMap) {
+    let mut rb = common::client().get(url);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let h = r.headers().clone();
+    let body = r.text().await.unwrap_or_default();
+    (status, body, h)
+}
+
+fn cs(h: &reqwest::header::HeaderMap) -> String {
+    h.get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_concurrent_misses_make_one_origin_request() {
+    let origin = Origin::start().await;
+    let mut r = reply("max-age=60", "shared body");
+    r.delay = Duration::from_millis(400);
+    origin.route("/slow", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let client = common::client();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let c = client.clone();
+            let u = format!("{url}/slow");
+            tokio::spawn(async move {
+                let r = c.get(u).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (s, b) = t.await.unwrap();
+        assert_eq!((s, b.as_str()), (200, "shared body"));
+    }
+    assert_eq!(origin.hits("/slow"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_request_is_stored_then_hit() {
+    let origin = Origin::start().await;
+    origin.route("/a", reply("max-age=60", "hello"));
+    let (_node, url, _t) = start_edge(&origin, "");
+    let (s, b, h) = get(&format!("{url}/a"), &[]).await;
+    assert_eq!((s, b.as_str()), (200, "hello"));
+    assert!(
+        cs(&h).contains("fwd=uri-miss") && cs(&h).contains("stored"),
+        "{h:?}"
+    );
+    let (_, b, h) = get(&format!("{url}/a"), &[]).await;
+    assert_eq!(b, "hello");
+    assert_eq!(cs(&h), "strata; hit");
+    assert_eq!(origin.hits("/a"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_serves_stale_while_the_origin_is_down() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/sie",
+        reply("max-age=1, stale-if-error=60", "old but good"),
+    );
+    origin.route("/nosie", reply("max-age=1", "gone"));
+    let (_node, url, _t) = start_edge(&origin, "");
+    get(&format!("{url}/sie"), &[]).await;
+    get(&format!("{url}/nosie"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    origin.set_down(true);
+    let (s, b, h) = get(&format!("{url}/sie"), &[]).await;
+    assert_eq!((s, b.as_str()), (200, "old but good"));
+    assert!(cs(&h).contains("stale-if-error"), "{h:?}");
+    let (s, _, _) = get(&format!("{url}/nosie"), &[]).await;
+    assert_eq!(s, 502, "without stale-if-error a dead origin is an error");
+    // 5xx from a live origin also falls back to stale.
+    origin.set_down(false);
+    let mut r = reply("no-store", "boom");
+    r.status = 503;
+    origin.route("/sie", r);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, b, h) = get(&format!("{url}/sie"), &[]).await;
+    assert_eq!((s, b.as_str()), (200, "old but good"), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_updates_the_stored_headers() {
+    let origin = Origin::start().await;
+    let mut r = reply("max-age=1", "body v1");
+    r.headers.push(("etag".into(), "\"v1\"".into()));
+    r.headers.push(("x-version".into(), "a".into()));
+    origin.route("/r", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    get(&format!("{url}/r"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut r = reply("max-age=100", "SHOULD NOT BE SENT");
+    r.headers.push(("etag".into(), "\"v1\"".into()));
+    r.headers.push(("x-version".into(), "b".into()));
+    r.etag_304 = Some("\"v1\"".into());
+    origin.route("/r", r);
+    let (s, b, h) = get(&format!("{url}/r"), &[]).await;
+    assert_eq!((s, b.as_str()), (200, "body v1"));
+    assert_eq!(h["x-version"], "b");
+    assert!(cs(&h).contains("fwd=stale; fwd-status=304"), "{h:?}");
+    assert_eq!(
+        origin.last_header("/r", "if-none-match").as_deref(),
+        Some("\"v1\"")
+    );
+    let (_, b, h) = get(&format!("{url}/r"), &[]).await;
+    assert_eq!(b, "body v1");
+    assert_eq!(h["x-version"], "b");
+    assert_eq!(
+        cs(&h),
+        "strata; hit",
+        "refreshed freshness (max-age=100) applies"
+    );
+    assert_eq!(origin.hits("/r"), 2);
+    // A client's own conditional request is answered 304 from the cache.
+    let (s, _, _) = get(&format!("{url}/r"), &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(s, 304);
+    assert_eq!(origin.hits("/r"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_keeps_variants_apart() {
+    let origin = Origin::start().await;
+    let mut r = reply("max-age=60", "");
+    r.headers.push(("vary".into(), "Accept-Language".into()));
+    r.echo = Some("accept-language".into());
+    origin.route("/v", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let u = format!("{url}/v");
+    assert_eq!(get(&u, &[("accept-language", "en")]).await.1, "en");
+    assert_eq!(get(&u, &[("accept-language", "de")]).await.1, "de");
+    let (_, b, h) = get(&u, &[("accept-language", "en")]).await;
+    assert_eq!(b, "en");
+    assert_eq!(cs(&h), "strata; hit");
+    let (_, b, h) = get(&u, &[("accept-language", "de")]).await;
+    assert_eq!(b, "de");
+    assert_eq!(cs(&h), "strata; hit");
+    assert_eq!(origin.hits("/v"), 2);
+    // Vary: * is never reused.
+    let mut r = reply("max-age=60", "star");
+    r.headers.push(("vary".into(), "*".into()));
+    origin.route("/star", r);
+    get(&format!("{url}/star"), &[]).await;
+    get(&format!("{url}/star"), &[]).await;
+    assert_eq!(origin.hits("/star"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_no_store_and_cookies_are_never_served_to_another_client() {
+    let origin = Origin::start().await;
+    origin.route("/p", reply("private, max-age=60", "alice's"));
+    origin.route("/ns", reply("no-store", "alice's too"));
+    let mut c = reply("max-age=60", "with cookie");
+    c.headers
+        .push(("set-cookie".into(), "session=alice".into()));
+    origin.route("/c", c);
+    let (_node, url, _t) = start_edge(&origin, "");
+    for p in ["/p", "/ns", "/c"] {
+        let (_, _, h1) = get(&format!("{url}{p}"), &[("cookie", "alice")]).await;
+        let (_, _, h2) = get(&format!("{url}{p}"), &[("cookie", "bob")]).await;
+        assert!(!cs(&h2).contains("hit"), "{p}: {h2:?}");
+        assert_eq!(origin.hits(p), 2, "{p}");
+        if p == "/c" {
+            assert_eq!(h1["set-cookie"], "session=alice");
+        }
+    }
+    // Authorization: not shared unless the origin says public.
+    origin.route("/auth", reply("max-age=60", "alice's account"));
+    get(&format!("{url}/auth"), &[("authorization", "Bearer alice")]).await;
+    get(&format!("{url}/auth"), &[("authorization", "Bearer bob")]).await;
+    assert_eq!(origin.hits("/auth"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_methods_invalidate_the_url_and_location() {
+    let origin = Origin::start().await;
+    origin.route("/doc", reply("max-age=60", "v1"));
+    origin.route("/items/1", reply("max-age=60", "item"));
+    let mut created = reply("no-store", "created");
+    created.status = 201;
+    created.headers.push(("location".into(), "/items/1".into()));
+    origin.route("/items", created);
+    let mut posted = reply("no-store", "ok");
+    posted.status = 200;
+    origin.route("/doc", reply("max-age=60", "v1"));
+    let (_node, url, _t) = start_edge(&origin, "");
+    get(&format!("{url}/doc"), &[]).await;
+    get(&format!("{url}/items/1"), &[]).await;
+    assert_eq!(origin.hits("/doc"), 1);
+    let r = common::client()
+        .post(format!("{url}/doc"))
+        .body("x=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(cache_status(&r).contains("fwd=method"));
+    assert_eq!(origin.hits("/doc"), 2, "POST went through");
+    get(&format!("{url}/doc"), &[]).await;
+    assert_eq!(origin.hits("/doc"), 3, "the stored GET was invalidated");
+    let r = common::client()
+        .post(format!("{url}/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    get(&format!("{url}/items/1"), &[]).await;
+    assert_eq!(origin.hits("/items/1"), 2, "Location was invalidated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_is_corrected_and_grows() {
+    let origin = Origin::start().await;
+    let mut r = reply("max-age=100", "aged");
+    r.headers.push(("age".into(), "10".into()));
+    origin.route("/age", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let (_, _, h) = get(&format!("{url}/age"), &[]).await;
+    let a0: u64 = h["age"].to_str().unwrap().parse().unwrap();
+    assert!((10..=11).contains(&a0), "{a0}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (_, _, h) = get(&format!("{url}/age"), &[]).await;
+    let a1: u64 = h["age"].to_str().unwrap().parse().unwrap();
+    assert!((12..=13).contains(&a1), "{a1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdn_cache_control_is_honoured_and_stripped() {
+    let origin = Origin::start().await;
+    let mut r = reply("no-store", "for the cdn");
+    r.headers
+        .push(("cdn-cache-control".into(), "max-age=60".into()));
+    origin.route("/cdn", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let (_, _, h) = get(&format!("{url}/cdn"), &[]).await;
+    assert!(h.get("cdn-cache-control").is_none());
+    assert_eq!(
+        h["cache-control"], "no-store",
+        "Cache-Control goes downstream as is"
+    );
+    let (_, b, h) = get(&format!("{url}/cdn"), &[]).await;
+    assert_eq!(b, "for the cdn");
+    assert_eq!(cs(&h), "strata; hit");
+    assert!(h.get("cdn-cache-control").is_none());
+    assert_eq!(origin.hits("/cdn"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_and_head_are_served_from_cache() {
+    let origin = Origin::start().await;
+    let body: String = (0..100)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let mut r = reply("max-age=60", &body);
+    r.headers[1] = ("content-type".into(), "application/octet-stream".into());
+    origin.route("/bin", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let u = format!("{url}/bin");
+    let (s, b, h) = get(&u, &[("range", "bytes=10-19")]).await;
+    assert_eq!(s, 206);
+    assert_eq!(b, &body[10..20]);
+    assert_eq!(h["content-range"], "bytes 10-19/100");
+    let (s, b, _) = get(&u, &[("range", "bytes=-5")]).await;
+    assert_eq!((s, b.as_str()), (206, &body[95..]));
+    let (s, _, h) = get(&u, &[("range", "bytes=200-")]).await;
+    assert_eq!(s, 416);
+    assert_eq!(h["content-range"], "bytes */100");
+    let r = common::client().head(&u).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "100");
+    assert_eq!(cache_status(&r), "strata; hit");
+    assert_eq!(origin.hits("/bin"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_url_and_prefix_needs_the_admin_token() {
+    let origin = Origin::start().await;
+    for p in ["/a/1", "/a/2", "/b/1"] {
+        origin.route(p, reply("max-age=60", p));
+    }
+    let (node, url, _t) = start_edge(
+        &origin,
+        "[[edge.tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"purge-secret-123\"\n",
+    );
+    for p in ["/a/1", "/a/2", "/b/1"] {
+        get(&format!("{url}{p}"), &[]).await;
+    }
+    let purge = |body: serde_json::Value, token: Option<&'static str>| {
+        let mut rb = common::client()
+            .post(format!("{}/admin/purge", node.admin_url()))
+            .json(&body);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send()
+    };
+    let r = purge(serde_json::json!({"url": format!("{url}/a/1")}), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = purge(
+        serde_json::json!({"url": format!("{url}/a/1")}),
+        Some("purge-secret-123"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    get(&format!("{url}/a/1"), &[]).await;
+    assert_eq!(origin.hits("/a/1"), 2);
+    let (_, _, h) = get(&format!("{url}/a/2"), &[]).await;
+    assert_eq!(cs(&h), "strata; hit");
+    let r = purge(
+        serde_json::json!({"prefix": format!("{url}/a/")}),
+        Some("purge-secret-123"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    get(&format!("{url}/a/2"), &[]).await;
+    assert_eq!(origin.hits("/a/2"), 2);
+    let (_, _, h) = get(&format!("{url}/b/1"), &[]).await;
+    assert_eq!(cs(&h), "strata; hit", "other prefixes stay");
+    // The PURGE method is off by default.
+    let r = common::client()
+        .request(
+            reqwest::Method::from_bytes(b"PURGE").unwrap(),
+            format!("{url}/b/1"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let (_, _, h) = get(&format!("{url}/b/1"), &[]).await;
+    assert_eq!(cs(&h), "strata; hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_upstream_responses_are_never_stored() {
+    let origin = Origin::start().await;
+    let mut bad = reply("max-age=60", "x");
+    bad.kind = Kind::Malformed;
+    origin.route("/bad", bad);
+    let mut reset = reply("max-age=60", &"r".repeat(10_000));
+    reset.kind = Kind::ResetMidBody;
+    origin.route("/reset", reset);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let (s, _, _) = get(&format!("{url}/bad"), &[]).await;
+    assert_eq!(s, 502);
+    let (s, _, _) = get(&format!("{url}/bad"), &[]).await;
+    assert_eq!(s, 502);
+    assert_eq!(origin.hits("/bad"), 2);
+    let r = common::client()
+        .get(format!("{url}/reset"))
+        .send()
+        .await
+        .unwrap();
+    let complete = match r.text().await {
+        Ok(b) => b.len() == 10_000,
+        Err(_) => false,
+    };
+    assert!(
+        !complete,
+        "a truncated body is never passed off as complete"
+    );
+    origin.route("/reset", reply("max-age=60", "now whole"));
+    let (s, b, _) = get(&format!("{url}/reset"), &[]).await;
+    assert_eq!((s, b.as_str()), (200, "now whole"));
+    assert_eq!(
+        origin.hits("/reset"),
+        2,
+        "the truncated response was not stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_response_leaves_the_edge_healthy() {
+    let origin = Origin::start().await;
+    let big = "z".repeat(2 << 20);
+    let mut r = reply("max-age=60", &big);
+    r.delay = Duration::from_millis(600);
+    origin.route("/big", r);
+    let (node, url, _t) = start_edge(&origin, "");
+    let addr = node.listening["edge"];
+    {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut b = [0u8; 100];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+    } // dropped mid-body
+    {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: y\r\n\r\n")
+            .await
+            .unwrap();
+    } // dropped before the origin even answered
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r = common::client()
+        .get(format!("{url}/big"))
+        .header("host", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cache_status(&r), "strata; hit");
+    assert_eq!(r.text().await.unwrap().len(), big.len());
+    let r = common::client()
+        .get(format!("{url}/big"))
+        .header("host", "y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        cache_status(&r),
+        "strata; hit",
+        "the fill finished although its client left (hits {})",
+        origin.hits("/big")
+    );
+    assert_eq!(origin.hits("/big"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_is_negotiated_and_stored_per_coding() {
+    use std::io::Read;
+    let origin = Origin::start().await;
+    let text = "hello compressible world. ".repeat(200);
+    origin.route("/t", reply("max-age=60", &text));
+    let (_node, url, _t) = start_edge(&origin, "");
+    let u = format!("{url}/t");
+    let fetch = |ae: &'static str| {
+        let u = u.clone();
+        async move {
+            let r = common::client()
+                .get(&u)
+                .header("accept-encoding", ae)
+                .send()
+                .await
+                .unwrap();
+            let h = r.headers().clone();
+            (h, r.bytes().await.unwrap())
+        }
+    };
+    let (h, gz) = fetch("gzip, deflate").await;
+    assert_eq!(h["content-encoding"], "gzip");
+    assert!(h["vary"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("accept-encoding"));
+    assert_eq!(
+        origin.last_header("/t", "accept-encoding").as_deref(),
+        Some("gzip")
+    );
+    let mut out = String::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, text);
+    assert!(gz.len() < text.len() / 5);
+    let (h, br) = fetch("br, gzip").await;
+    assert_eq!(h["content-encoding"], "br");
+    let mut out = String::new();
+    brotli::Decompressor::new(&br[..], 4096)
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, text);
+    let (h, plain) = fetch("identity").await;
+    assert!(h.get("content-encoding").is_none());
+    assert_eq!(plain.len(), text.len());
+    let (h, _) = fetch("deflate, gzip").await;
+    assert_eq!(h["cache-status"], "strata; hit", "gzip variant reused");
+    assert_eq!(origin.hits("/t"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let origin = Origin::start().await;
+    origin.route("/swr", reply("max-age=1, stale-while-revalidate=30", "old"));
+    let (_node, url, _t) = start_edge(&origin, "");
+    get(&format!("{url}/swr"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut r = reply("max-age=60", "new");
+    r.delay = Duration::from_millis(300);
+    origin.route("/swr", r);
+    for _ in 0..5 {
+        let (_, b, h) = get(&format!("{url}/swr"), &[]).await;
+        assert_eq!(b, "old");
+        assert!(cs(&h).contains("stale-while-revalidate"), "{h:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, b, h) = get(&format!("{url}/swr"), &[]).await;
+    assert_eq!((b.as_str(), cs(&h).as_str()), ("new", "strata; hit"));
+    assert_eq!(origin.hits("/swr"), 2, "one background refresh");
+}
