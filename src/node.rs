@@ -216,10 +216,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             let served = balancer.clone();
             let limits = cfg.http.clone();
             let stop = stop_rx.clone();
-            let make = move |peer| {
-                let b = served.clone();
-                hyper::service::service_fn(move |req| b.clone().handle(req, peer, proto))
-            };
+            let make = move |peer| served.service(peer, proto);
             tasks.spawn(async move {
                 match tls {
                     Some(tls) => {

@@ -295,15 +295,31 @@ impl Balancer {
         }
     }
 
+    /// The service for one client connection from `peer` over `proto` (`http`/`https`).
+    pub fn service(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        proto: &'static str,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > + Send
+           + 'static {
+        let conn = Arc::new(Forwarding::new(peer.ip(), proto));
+        let b = self.clone();
+        hyper::service::service_fn(move |req| b.clone().handle(req, conn.clone()))
+    }
+
     /// Answers one client request (errors become problem+json responses).
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        proto: &'static str,
+        fwd: Arc<Forwarding>,
     ) -> Result<Response<Body>, Infallible> {
         let pool = self.pool.load_full();
-        match self.forward(&pool, req, peer, proto).await {
+        match self.forward(&pool, req, &fwd).await {
             Ok(resp) => Ok(resp),
             Err((problem, id)) => {
                 self.local
@@ -324,8 +340,7 @@ impl Balancer {
         &self,
         pool: &Arc<Pool>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        proto: &'static str,
+        fwd: &Forwarding,
     ) -> Result<Response<Body>, (Problem, Option<HeaderValue>)> {
         if req.method() == Method::CONNECT {
             return Err((
@@ -338,10 +353,6 @@ impl Balancer {
         }
         pool.budget.on_request();
         let (mut parts, body) = req.into_parts();
-        let fwd = Forwarding {
-            client: peer.ip(),
-            proto,
-        };
         let (upgrade, request_id) = headers::to_upstream(
             &mut parts.headers,
             parts.version,
