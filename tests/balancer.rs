@@ -1040,3 +1040,36 @@ async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
     let (_, cert, _) = tls_connect(lb.addr, "b.test", &[b"h2"]).await;
     assert_eq!(cert, pem_der(&b_cert));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_and_request_ids() {
+    let app = App::start("app1").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = lb_config(tmp.path(), &[(app.addr, 1)], "")
+        .replace("shutdown_grace", "access_log = true\nshutdown_grace");
+    let node = Node::start_with(tmp.path(), &text);
+    let status = admin_status(&node).await;
+    let addr = status["components"]["balancer"]["listen"].as_str().unwrap();
+    let c = client();
+    let r = c
+        .get(format!("http://{addr}/api/v1/who/me"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    let r = c
+        .get(format!("http://{addr}/api/v1/who/me"))
+        .send()
+        .await
+        .unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(!made.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(node.logs().contains("trace-me-42") && node.logs().contains(&made)) {
+        assert!(Instant::now() < deadline, "{}", node.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(node.logs().contains("/api/v1/who/me"));
+}

@@ -38,6 +38,8 @@ const MAX_REQUEST_ID: usize = 128;
 /// pre-rendered values instead of formatting per request.
 #[derive(Clone, Debug)]
 pub struct Forwarding {
+    /// The client's address as this proxy saw it.
+    pub client: IpAddr,
     /// `"http"` or `"https"`: how the client reached this proxy.
     pub proto: &'static str,
     /// The client's address as `X-Forwarded-For` writes it.
@@ -51,6 +53,7 @@ impl Forwarding {
     pub fn new(client: IpAddr, proto: &'static str) -> Self {
         let element = format!("for={};proto={proto}", ip_text(client, true));
         Forwarding {
+            client,
             proto,
             xff: owned_value(ip_text(client, false)),
             element: owned_value(element),
