@@ -1,6 +1,9 @@
 //! Micro-benchmarks of the balancer's per-request pure work: header hygiene and the pick
 //! policies. Run: `cargo bench --bench balancer`.
 
+// criterion's macros generate undocumented items.
+#![allow(missing_docs)]
+
 use std::sync::atomic::AtomicUsize;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
