@@ -635,6 +635,8 @@ async fn reload_adds_and_removes_backends_under_load() {
 
     // Add app3, drop app1.
     lb.reconfigure(&[(a2, 1), (a3, 1)], FAST_HEALTH).await;
+    // Requests that started on the old pool finish there; count only newer ones.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     load.reset_seen();
     wait_until("app3 in rotation", Duration::from_secs(10), || {
         load.seen().get("app3").copied().unwrap_or(0) > 20
@@ -644,6 +646,7 @@ async fn reload_adds_and_removes_backends_under_load() {
 
     // Back: app1 returns, app2 leaves; weights change too.
     lb.reconfigure(&[(a1, 3), (a3, 1)], FAST_HEALTH).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     load.reset_seen();
     wait_until("app1 back", Duration::from_secs(10), || {
         load.seen().get("app1").copied().unwrap_or(0) > 60
