@@ -99,7 +99,7 @@ impl Running {
             _ => None,
         };
         let balancer = match (&self.balancer, &new.balancer) {
-            (Some(b), Some(cfg)) => match b.prepare(cfg) {
+            (Some(b), Some(cfg)) => match b.prepare(cfg, new.node.access_log) {
                 Ok(p) => Some(p),
                 Err(e) => return refused(e.to_string()),
             },
@@ -252,7 +252,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
 
     let balancer = match &config.balancer {
         Some(cfg) => {
-            let balancer = Balancer::new(cfg, &metrics, stop_rx.clone())?;
+            let balancer = Balancer::new(cfg, config.node.access_log, &metrics, stop_rx.clone())?;
             admin.add_component(balancer.clone());
             let listener = bind("balancer", cfg.listen).await?;
             let addr = listener.local_addr().unwrap_or(cfg.listen);
@@ -275,10 +275,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             let served = balancer.clone();
             let limits = cfg.http.clone();
             let stop = stop_rx.clone();
-            let make = move |peer| {
-                let b = served.clone();
-                hyper::service::service_fn(move |req| b.clone().handle(req, peer, proto))
-            };
+            let make = move |peer| served.service(peer, proto);
             tasks.spawn(async move {
                 match tls {
                     Some(tls) => {

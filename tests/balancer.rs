@@ -635,6 +635,8 @@ async fn reload_adds_and_removes_backends_under_load() {
 
     // Add app3, drop app1.
     lb.reconfigure(&[(a2, 1), (a3, 1)], FAST_HEALTH).await;
+    // Requests that started on the old pool finish there; count only newer ones.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     load.reset_seen();
     wait_until("app3 in rotation", Duration::from_secs(10), || {
         load.seen().get("app3").copied().unwrap_or(0) > 20
@@ -644,6 +646,7 @@ async fn reload_adds_and_removes_backends_under_load() {
 
     // Back: app1 returns, app2 leaves; weights change too.
     lb.reconfigure(&[(a1, 3), (a3, 1)], FAST_HEALTH).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     load.reset_seen();
     wait_until("app1 back", Duration::from_secs(10), || {
         load.seen().get("app1").copied().unwrap_or(0) > 60
@@ -1039,4 +1042,37 @@ async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
     assert_eq!(raw_status(&r), None, "{r}");
     let (_, cert, _) = tls_connect(lb.addr, "b.test", &[b"h2"]).await;
     assert_eq!(cert, pem_der(&b_cert));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_and_request_ids() {
+    let app = App::start("app1").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = lb_config(tmp.path(), &[(app.addr, 1)], "")
+        .replace("shutdown_grace", "access_log = true\nshutdown_grace");
+    let node = Node::start_with(tmp.path(), &text);
+    let status = admin_status(&node).await;
+    let addr = status["components"]["balancer"]["listen"].as_str().unwrap();
+    let c = client();
+    let r = c
+        .get(format!("http://{addr}/api/v1/who/me"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    let r = c
+        .get(format!("http://{addr}/api/v1/who/me"))
+        .send()
+        .await
+        .unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(!made.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(node.logs().contains("trace-me-42") && node.logs().contains(&made)) {
+        assert!(Instant::now() < deadline, "{}", node.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(node.logs().contains("/api/v1/who/me"));
 }

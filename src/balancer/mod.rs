@@ -174,11 +174,14 @@ impl Balancer {
     /// Builds the role from its config and registers its metrics.
     pub fn new(
         cfg: &BalancerConfig,
+        access_log: bool,
         metrics: &Metrics,
         shutdown: Shutdown,
     ) -> Result<Arc<Self>, BalancerError> {
         let families = Families::default();
-        let pool = Arc::new(ArcSwap::from_pointee(Pool::build(cfg, None, &families)));
+        let mut pool = Pool::build(cfg, None, &families);
+        pool.access_log = access_log;
+        let pool = Arc::new(ArcSwap::from_pointee(pool));
         let tls = match &cfg.tls {
             Some(t) => Some(Arc::new(ArcSwap::new(tls::server_config(t)?))),
             None => None,
@@ -265,12 +268,17 @@ impl Balancer {
     }
 
     /// Builds everything a reload needs; nothing changes until [`Balancer::apply`].
-    pub fn prepare(&self, cfg: &BalancerConfig) -> Result<Prepared, BalancerError> {
+    pub fn prepare(
+        &self,
+        cfg: &BalancerConfig,
+        access_log: bool,
+    ) -> Result<Prepared, BalancerError> {
         let tls = match (&cfg.tls, &self.tls) {
             (Some(t), Some(_)) => Some(tls::server_config(t)?),
             _ => None,
         };
-        let pool = Pool::build(cfg, Some(&self.pool.load()), &self.families);
+        let mut pool = Pool::build(cfg, Some(&self.pool.load()), &self.families);
+        pool.access_log = access_log;
         Ok(Prepared { pool, tls })
     }
 
@@ -295,16 +303,39 @@ impl Balancer {
         }
     }
 
+    /// The service for one client connection from `peer` over `proto` (`http`/`https`).
+    pub fn service(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        proto: &'static str,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > + Send
+           + 'static {
+        let conn = Arc::new(Forwarding::new(peer.ip(), proto));
+        let b = self.clone();
+        hyper::service::service_fn(move |req| b.clone().handle(req, conn.clone()))
+    }
+
     /// Answers one client request (errors become problem+json responses).
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        proto: &'static str,
+        fwd: Arc<Forwarding>,
     ) -> Result<Response<Body>, Infallible> {
         let pool = self.pool.load_full();
-        match self.forward(&pool, req, peer, proto).await {
-            Ok(resp) => Ok(resp),
+        let log = pool.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.uri().path().to_owned(),
+                Instant::now(),
+            )
+        });
+        let resp = match self.forward(&pool, req, &fwd).await {
+            Ok(resp) => resp,
             Err((problem, id)) => {
                 self.local
                     .get_or_create(&StatusLabel {
@@ -315,17 +346,25 @@ impl Balancer {
                 if let Some(id) = id {
                     resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), id);
                 }
-                Ok(resp)
+                resp
             }
+        };
+        if let Some((method, path, started)) = log {
+            let id = resp
+                .headers()
+                .get(&headers::X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info!(target: "access", peer = %fwd.client, %method, path, status = resp.status().as_u16(), micros = started.elapsed().as_micros() as u64, request_id = id);
         }
+        Ok(resp)
     }
 
     async fn forward(
         &self,
         pool: &Arc<Pool>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        proto: &'static str,
+        fwd: &Forwarding,
     ) -> Result<Response<Body>, (Problem, Option<HeaderValue>)> {
         if req.method() == Method::CONNECT {
             return Err((
@@ -338,10 +377,6 @@ impl Balancer {
         }
         pool.budget.on_request();
         let (mut parts, body) = req.into_parts();
-        let fwd = Forwarding {
-            client: peer.ip(),
-            proto,
-        };
         let (upgrade, request_id) = headers::to_upstream(
             &mut parts.headers,
             parts.version,

@@ -164,6 +164,8 @@ pub struct Pool {
     pub retry: RetryConfig,
     /// The retry budget (kept across reloads while the retry settings stay the same).
     pub budget: Arc<RetryBudget>,
+    /// Log one line per request (`[node] access_log`).
+    pub access_log: bool,
 }
 
 impl Pool {
@@ -213,6 +215,7 @@ impl Pool {
             health: cfg.health.clone(),
             retry: cfg.retry.clone(),
             budget,
+            access_log: false,
         }
     }
 

@@ -31,11 +31,13 @@ pin_project! {
     /// An incoming body with an idle limit: once the reader asks for a chunk, the peer has
     /// `limit` to deliver it. Time the reader spends not asking (a slow client on the
     /// other side) does not count against the peer.
+    ///
+    /// The timer is made the first time the body has to wait: a small body that arrives
+    /// with its head (the common case) never touches the timer wheel.
     pub struct IdleBody {
         #[pin]
         inner: Incoming,
-        #[pin]
-        idle: Sleep,
+        idle: Option<Pin<Box<Sleep>>>,
         limit: Duration,
         waiting: bool,
     }
@@ -46,7 +48,7 @@ impl IdleBody {
     pub fn new(inner: Incoming, limit: Duration) -> Self {
         IdleBody {
             inner,
-            idle: tokio::time::sleep(limit),
+            idle: None,
             limit,
             waiting: false,
         }
@@ -61,7 +63,7 @@ impl HttpBody for IdleBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if polled.is_ready() {
             *this.waiting = false;
@@ -74,9 +76,17 @@ impl HttpBody for IdleBody {
                 if !*this.waiting {
                     // The clock starts when we start waiting, not at the last chunk.
                     *this.waiting = true;
-                    this.idle.as_mut().reset(Instant::now() + *this.limit);
+                    let deadline = Instant::now() + *this.limit;
+                    match this.idle {
+                        Some(idle) => idle.as_mut().reset(deadline),
+                        None => *this.idle = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                 }
-                match this.idle.poll(cx) {
+                let Some(idle) = this.idle.as_mut() else {
+                    // Set just above whenever we wait.
+                    return Poll::Pending;
+                };
+                match idle.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(BodyStreamError::Idle(*this.limit)))),
                     Poll::Pending => Poll::Pending,
                 }

@@ -202,8 +202,13 @@ impl ConnPool {
                     Err(e) => return Err(SendFailure::NotSent(e, Box::new(req))),
                 },
             };
-            let ready = tokio::time::timeout(settings.connect_timeout, sender.ready()).await;
-            if !matches!(ready, Ok(Ok(()))) {
+            // Usually ready at once; only then is the timer skipped.
+            let ready = sender.is_ready()
+                || matches!(
+                    tokio::time::timeout(settings.connect_timeout, sender.ready()).await,
+                    Ok(Ok(()))
+                );
+            if !ready {
                 if reused {
                     continue;
                 }

@@ -2,7 +2,6 @@
 //! hop-by-hop fields, say who forwarded it (`X-Forwarded-*`, `Forwarded`, `Via`), carry a
 //! request id. Pure functions over a [`HeaderMap`], tested without sockets.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -34,13 +33,38 @@ static HOP_BY_HOP: [&HeaderName; 6] = [
 /// Longest client-supplied request id passed on; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
-/// Who is forwarding and for whom: what the forwarding headers say.
-#[derive(Clone, Copy, Debug)]
+/// Who is forwarding and for whom: what the forwarding headers say. Made once per client
+/// connection, so the common case (no forwarding headers from the client) copies
+/// pre-rendered values instead of formatting per request.
+#[derive(Clone, Debug)]
 pub struct Forwarding {
     /// The client's address as this proxy saw it.
     pub client: IpAddr,
     /// `"http"` or `"https"`: how the client reached this proxy.
     pub proto: &'static str,
+    /// The client's address as `X-Forwarded-For` writes it.
+    xff: HeaderValue,
+    /// `for=<client>;proto=<proto>`, the `Forwarded` element without a host.
+    element: HeaderValue,
+}
+
+impl Forwarding {
+    /// The forwarding facts of a connection from `client` over `proto`.
+    pub fn new(client: IpAddr, proto: &'static str) -> Self {
+        let element = format!("for={};proto={proto}", ip_text(client, true));
+        Forwarding {
+            client,
+            proto,
+            xff: owned_value(ip_text(client, false)),
+            element: owned_value(element),
+        }
+    }
+}
+
+/// A header value that takes over `s` without copying (the text is ours and valid).
+fn owned_value(s: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// Rewrites request headers for the upstream hop. Returns the `Upgrade` value when the
@@ -50,8 +74,10 @@ pub fn to_upstream(
     headers: &mut HeaderMap,
     version: Version,
     authority: Option<&str>,
-    fwd: Forwarding,
+    fwd: &Forwarding,
 ) -> (Option<HeaderValue>, HeaderValue) {
+    // Room for the fields added below, so the map grows once, not field by field.
+    headers.reserve(8);
     let upgrade = upgrade_requested(headers, version);
     strip_hop_by_hop(headers);
     let keep_te = headers
@@ -77,7 +103,7 @@ pub fn to_upstream(
     }
     let host = headers.get(header::HOST).cloned();
 
-    append_list(headers, &X_FORWARDED_FOR, &ip_text(fwd.client, false));
+    append_value(headers, &X_FORWARDED_FOR, &fwd.xff);
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(fwd.proto),
@@ -85,18 +111,16 @@ pub fn to_upstream(
     if let Some(h) = &host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
-    let mut element = String::with_capacity(64);
-    let _ = write!(
-        element,
-        "for={};proto={}",
-        ip_text(fwd.client, true),
-        fwd.proto
-    );
-    if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
-        element.push_str(";host=");
-        push_token_or_quoted(&mut element, h);
+    match host.as_ref().and_then(|h| h.to_str().ok()) {
+        Some(h) => {
+            let mut element = String::with_capacity(fwd.element.len() + h.len() + 8);
+            element.push_str(fwd.element.to_str().unwrap_or(""));
+            element.push_str(";host=");
+            push_token_or_quoted(&mut element, h);
+            append_value(headers, &FORWARDED, &owned_value(element));
+        }
+        None => append_value(headers, &FORWARDED, &fwd.element),
     }
-    append_list(headers, &FORWARDED, &element);
     append_via(headers, version);
 
     let id = match headers.get(&X_REQUEST_ID) {
@@ -188,8 +212,13 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Appends `item` to a list-valued field, folding existing lines into one.
-fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
+/// Appends `item` to a list-valued field, folding existing lines into one. Without an
+/// existing field this is a reference-counted copy of `item`, no allocation.
+fn append_value(headers: &mut HeaderMap, name: &HeaderName, item: &HeaderValue) {
+    if !headers.contains_key(name) {
+        headers.insert(name.clone(), item.clone());
+        return;
+    }
     let mut joined = String::new();
     for v in headers.get_all(name) {
         if let Ok(s) = v.to_str() {
@@ -197,10 +226,8 @@ fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
             joined.push_str(", ");
         }
     }
-    joined.push_str(item);
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(name.clone(), v);
-    }
+    joined.push_str(item.to_str().unwrap_or(""));
+    headers.insert(name.clone(), owned_value(joined));
 }
 
 fn append_via(headers: &mut HeaderMap, version: Version) {
@@ -209,11 +236,7 @@ fn append_via(headers: &mut HeaderMap, version: Version) {
         Version::HTTP_2 => "2 strata",
         _ => "1.1 strata",
     };
-    if headers.contains_key(header::VIA) {
-        append_list(headers, &header::VIA, ours);
-    } else {
-        headers.insert(header::VIA, HeaderValue::from_static(ours));
-    }
+    append_value(headers, &header::VIA, &HeaderValue::from_static(ours));
 }
 
 /// An address as text; `Forwarded` wants IPv6 quoted and bracketed (RFC 7239 §6).
@@ -257,19 +280,16 @@ fn new_request_id() -> HeaderValue {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let prefix = *PREFIX.get_or_init(rand::random::<u64>);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let text = format!("{:012x}-{n:x}", prefix >> 16);
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("strata"))
+    owned_value(format!("{:012x}-{n:x}", prefix >> 16))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fwd() -> Forwarding {
-        Forwarding {
-            client: "10.1.2.3".parse().unwrap(),
-            proto: "http",
-        }
+    fn fwd() -> &'static Forwarding {
+        static F: OnceLock<Forwarding> = OnceLock::new();
+        F.get_or_init(|| Forwarding::new("10.1.2.3".parse().unwrap(), "http"))
     }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -365,11 +385,8 @@ mod tests {
     #[test]
     fn ipv6_is_quoted_in_forwarded_and_h2_authority_becomes_host() {
         let mut h = HeaderMap::new();
-        let f = Forwarding {
-            client: "2001:db8::1".parse().unwrap(),
-            proto: "https",
-        };
-        to_upstream(&mut h, Version::HTTP_2, Some("example.com"), f);
+        let f = Forwarding::new("2001:db8::1".parse().unwrap(), "https");
+        to_upstream(&mut h, Version::HTTP_2, Some("example.com"), &f);
         assert_eq!(h["host"], "example.com");
         assert_eq!(h["x-forwarded-for"], "2001:db8::1");
         assert_eq!(
