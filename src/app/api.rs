@@ -70,7 +70,7 @@ fn storage_problem(e: StoreError) -> Box<Problem> {
             )
             .with_retry_after(1),
         ),
-        StoreError::Internal(why) => {
+        StoreError::Internal(why) | StoreError::Behind(why) => {
             tracing::error!(error = %why, "storage failure");
             problem(
                 StatusCode::INTERNAL_SERVER_ERROR,

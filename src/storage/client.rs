@@ -321,7 +321,7 @@ fn unexpected(r: Response) -> StoreError {
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
-fn split_host(addr: &str) -> Option<&str> {
+pub(crate) fn split_host(addr: &str) -> Option<&str> {
     let (host, port) = addr.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');

@@ -47,6 +47,10 @@ pub enum StoreError {
     /// Storage failed in a way the client cannot fix (I/O, corruption, a protocol bug).
     #[error("storage failure: {0}")]
     Internal(String),
+    /// A replica had not reached a read's consistency token in time; the client reads
+    /// from the primary instead (never shown to HTTP clients).
+    #[error("replica behind the consistency token: {0}")]
+    Behind(String),
 }
 
 impl From<EngineError> for StoreError {
