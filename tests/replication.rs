@@ -1,0 +1,485 @@
+//! Stage 4: read replicas fed by log shipping. Real processes on loopback; faults injected
+//! by a TCP proxy between replica and primary (tests/common/fault_proxy.rs).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::fault_proxy::{Fault, FaultProxy};
+use common::Node;
+use strata::storage::protocol::{
+    self, Message, Purpose, Request, Response, WirePrecondition, WireReplStatus, WireWrite,
+};
+
+const SECRET: &str = "replication-test-secret-0123456789";
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Config of a storage node; `follow` makes it a replica.
+fn storage_config(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    follow: Option<SocketAddr>,
+    extra: &str,
+) -> String {
+    let mode = match follow {
+        Some(p) => format!("mode = \"replica\"\nfollow = \"{p}\"\n"),
+        None => String::new(),
+    };
+    format!(
+        "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\ncluster_secret = \"{SECRET}\"\n{}\n[storage]\nlisten = \"127.0.0.1:{port}\"\n{mode}{extra}\n",
+        dir.join("data").display(),
+        "",
+    )
+}
+
+fn start(
+    root: &Path,
+    name: &str,
+    port: u16,
+    follow: Option<SocketAddr>,
+    node_extra: &str,
+    extra: &str,
+) -> Node {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = storage_config(&dir, name, port, follow, extra);
+    if !node_extra.is_empty() {
+        text = text.replacen("[storage]", &format!("{node_extra}\n[storage]"), 1);
+    }
+    Node::start_with(&dir, &text)
+}
+
+/// A blocking client speaking the storage protocol.
+struct Peer {
+    s: TcpStream,
+    buf: BytesMut,
+    next: u64,
+}
+
+impl Peer {
+    fn connect(addr: SocketAddr) -> std::io::Result<Peer> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_nodelay(true)?;
+        let mut p = Peer {
+            s,
+            buf: BytesMut::new(),
+            next: 1,
+        };
+        let cn = protocol::nonce();
+        p.send(&Message::Hello {
+            magic: protocol::MAGIC,
+            version: protocol::VERSION,
+            client_nonce: cn,
+            purpose: Purpose::Client,
+        })?;
+        let Some(Message::Challenge { server_nonce, .. }) = p.recv() else {
+            return Err(std::io::Error::other("no challenge"));
+        };
+        p.send(&Message::Auth {
+            client_proof: protocol::proof(SECRET.as_bytes(), "client", &server_nonce, &cn),
+        })?;
+        match p.recv() {
+            Some(Message::Welcome { .. }) => Ok(p),
+            other => Err(std::io::Error::other(format!("{other:?}"))),
+        }
+    }
+
+    fn send(&mut self, m: &Message) -> std::io::Result<()> {
+        self.s.write_all(&protocol::encode_frame(m))
+    }
+
+    fn recv(&mut self) -> Option<Message> {
+        loop {
+            if let Ok(Some(m)) = protocol::decode_frame(&mut self.buf, 64 << 20) {
+                return Some(m);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn call(&mut self, body: Request) -> Option<Response> {
+        let id = self.next;
+        self.next += 1;
+        self.send(&Message::Request { id, body }).ok()?;
+        match self.recv()? {
+            Message::Response { id: got, body } if got == id => Some(body),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, key: &str, body: &str) -> Option<u64> {
+        let w = WireWrite {
+            key: key.into(),
+            body: Some(body.as_bytes().to_vec()),
+            precondition: WirePrecondition::None,
+        };
+        match self.call(Request::Write { writes: vec![w] })? {
+            Response::Committed { lsn, .. } => Some(lsn),
+            _ => None,
+        }
+    }
+
+    fn repl(&mut self) -> Option<WireReplStatus> {
+        match self.call(Request::ReplStatus)? {
+            Response::ReplStatus(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn hash(&mut self) -> Option<(u64, u64, String)> {
+        match self.call(Request::ContentHash)? {
+            Response::ContentHash { lsn, records, hash } => Some((lsn, records, hash)),
+            _ => None,
+        }
+    }
+}
+
+fn status(addr: SocketAddr) -> Option<WireReplStatus> {
+    Peer::connect(addr).ok()?.repl()
+}
+
+/// Waits until the replica has applied everything the primary has and both hash alike.
+fn wait_converged(primary: SocketAddr, replica: SocketAddr, limit: Duration) -> (u64, u64, String) {
+    let deadline = Instant::now() + limit;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let (Ok(mut p), Ok(mut r)) = (Peer::connect(primary), Peer::connect(replica)) {
+            if let (Some(a), Some(b)) = (p.hash(), r.hash()) {
+                if a == b {
+                    return a;
+                }
+                last = Some((a, b));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("replica did not converge: {last:?}");
+}
+
+/// A writer thread: overwrites `keys` keys round robin with increasing sequence numbers;
+/// returns the count of acknowledged writes and the newest acknowledged LSN.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    last_lsn: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(primary: SocketAddr, keys: u64, body_len: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let last_lsn = Arc::new(AtomicU64::new(0));
+        let (s, a, l) = (stop.clone(), acked.clone(), last_lsn.clone());
+        let handle = std::thread::spawn(move || {
+            let pad = "x".repeat(body_len);
+            let mut peer = None;
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                if peer.is_none() {
+                    peer = Peer::connect(primary).ok();
+                    if peer.is_none() {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                }
+                let p = peer.as_mut().unwrap();
+                match p.put(
+                    &format!("load/k{}", i % keys),
+                    &format!("{{\"seq\":{i},\"pad\":\"{pad}\"}}"),
+                ) {
+                    Some(lsn) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                        l.store(lsn, Ordering::Relaxed);
+                        i += 1;
+                    }
+                    None => peer = None,
+                }
+            }
+        });
+        Load {
+            stop,
+            acked,
+            last_lsn,
+            handle: Some(handle),
+        }
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+/// Watches a replica's applied LSN and records whether it ever went backwards.
+struct Monotonic {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<u64>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Monotonic {
+    fn start(replica: SocketAddr) -> Monotonic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s, v) = (stop.clone(), seen.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(st) = status(replica) {
+                    v.lock().unwrap().push(st.applied_lsn);
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        });
+        Monotonic {
+            stop,
+            seen,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        let v = self.seen.lock().unwrap().clone();
+        v
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn scrape(node: &Node) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-s", &format!("{}/metrics", node.admin_url())])
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+#[test]
+fn replica_kill9_mid_stream_resumes_without_snapshot_and_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(tmp.path(), "primary", 0, None, "", "");
+    let paddr = primary.storage.unwrap();
+    let rport = free_port();
+    let replica = start(tmp.path(), "replica", rport, Some(paddr), "", "");
+    let raddr = replica.storage.unwrap();
+
+    let load = Load::start(paddr, 500, 100);
+    let mono = Monotonic::start(raddr);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = status(raddr).unwrap().applied_lsn;
+    assert!(before > 0, "the replica applies while writes continue");
+
+    // kill -9 mid-stream, writes continue, then restart.
+    let replica = replica.restart_after_kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = status(raddr).unwrap().applied_lsn;
+    assert!(
+        after >= before,
+        "applied LSN went back across a restart: {before} -> {after}"
+    );
+    let acked = load.stop();
+    let (lsn, records, hash) = wait_converged(paddr, raddr, Duration::from_secs(30));
+    let seen = mono.finish();
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "applied LSN went backwards: {seen:?}"
+    );
+    assert!(acked > 100, "load made progress: {acked}");
+    assert!(records > 0);
+    eprintln!("converged at LSN {lsn}: {records} records, {hash}; {acked} writes acknowledged");
+
+    // Resumed from its own position: no snapshot was ever needed.
+    let m = scrape(&primary);
+    assert_eq!(
+        metric(&m, "strata_replication_snapshots_sent_total"),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "strata_replication_entries_shipped_total") > 0.0,
+        "{m}"
+    );
+    let rm = scrape(&replica);
+    assert_eq!(
+        metric(&rm, "strata_replication_snapshots_installed_total"),
+        0.0
+    );
+
+    // A replica refuses writes and names the primary.
+    let mut r = Peer::connect(raddr).unwrap();
+    let w = WireWrite {
+        key: "c/x".into(),
+        body: Some(b"{}".to_vec()),
+        precondition: WirePrecondition::None,
+    };
+    match r.call(Request::Write { writes: vec![w] }) {
+        Some(Response::Error(e)) => {
+            assert_eq!(e.kind, protocol::ErrorKind::ReadOnly);
+            assert!(e.message.contains(&paddr.to_string()), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn primary_lsn(addr: SocketAddr) -> u64 {
+    status(addr).map_or(0, |s| s.applied_lsn)
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn replica_cut_off_past_retention_heals_by_snapshot_while_writes_continue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(tmp.path(), "primary", 0, None, "log_retention = 200", "");
+    let paddr = primary.storage.unwrap();
+    let proxy = FaultProxy::start(paddr, 0);
+    let replica = start(tmp.path(), "replica", 0, Some(proxy.addr), "", "");
+    let raddr = replica.storage.unwrap();
+    let load = Load::start(paddr, 300, 200);
+    let mono = Monotonic::start(raddr);
+    wait_for("replica to apply", Duration::from_secs(20), || {
+        primary_lsn(raddr) > 50
+    });
+
+    // A frame torn in the middle: the replica reconnects and resumes from the log.
+    proxy.set(Fault::CutAfter(7));
+    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        "replica to resume after a torn frame",
+        Duration::from_secs(20),
+        || primary_lsn(raddr) + 150 > load.last_lsn.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        metric(&scrape(&primary), "strata_replication_snapshots_sent_total"),
+        0.0
+    );
+
+    // Partition until the primary's log no longer holds the replica's position.
+    proxy.set(Fault::Drop);
+    let cut_at = primary_lsn(raddr);
+    wait_for(
+        "the primary to write past its retention",
+        Duration::from_secs(60),
+        || load.last_lsn.load(Ordering::Relaxed) > cut_at + 1000,
+    );
+    proxy.set(Fault::Pass);
+    wait_for(
+        "replica to heal by snapshot",
+        Duration::from_secs(60),
+        || {
+            metric(
+                &scrape(&replica),
+                "strata_replication_snapshots_installed_total",
+            ) >= 1.0
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let acked = load.stop();
+    let (lsn, records, _) = wait_converged(paddr, raddr, Duration::from_secs(30));
+    let seen = mono.finish();
+    eprintln!("healed and converged at LSN {lsn} with {records} records after {acked} writes");
+    assert!(metric(&scrape(&primary), "strata_replication_snapshots_sent_total") >= 1.0);
+    assert!(
+        primary
+            .logs()
+            .contains("its position is no longer in the log"),
+        "{}",
+        primary.logs()
+    );
+    // Applied LSN only goes back through a snapshot install, and then to the snapshot's
+    // tag, which is above where it was cut.
+    for w in seen.windows(2) {
+        assert!(
+            w[1] >= w[0] || w[1] == 0 || w[1] > cut_at,
+            "applied went back: {w:?}"
+        );
+    }
+}
+
+#[test]
+fn late_replica_with_a_large_data_set_bootstraps_under_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(tmp.path(), "primary", 0, None, "log_retention = 50", "");
+    let paddr = primary.storage.unwrap();
+    // ~20 MB in 20k records, written in batches of 200.
+    let mut p = Peer::connect(paddr).unwrap();
+    let body = format!("{{\"pad\":\"{}\"}}", "y".repeat(1000));
+    for b in 0..100 {
+        let writes = (0..200)
+            .map(|i| WireWrite {
+                key: format!("big/r{b:03}-{i:03}"),
+                body: Some(body.as_bytes().to_vec()),
+                precondition: WirePrecondition::None,
+            })
+            .collect();
+        assert!(matches!(
+            p.call(Request::Write { writes }),
+            Some(Response::Committed { .. })
+        ));
+    }
+    let load = Load::start(paddr, 1000, 100);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let replica = start(tmp.path(), "replica", 0, Some(paddr), "", "");
+    let raddr = replica.storage.unwrap();
+    wait_for(
+        "the late replica to be ready",
+        Duration::from_secs(120),
+        || status(raddr).is_some_and(|s| s.ready && s.applied_lsn > 100),
+    );
+    let took = started.elapsed();
+    let acked = load.stop();
+    let (lsn, records, _) = wait_converged(paddr, raddr, Duration::from_secs(60));
+    assert!(records >= 20_000);
+    eprintln!(
+        "late replica: ~{} MB bootstrapped in {took:?} ({:.1} MB/s) under {acked} concurrent writes; converged at LSN {lsn}",
+        records / 1000,
+        records as f64 / 1000.0 / took.as_secs_f64()
+    );
+    assert!(
+        metric(
+            &scrape(&replica),
+            "strata_replication_snapshots_installed_total"
+        ) >= 1.0
+    );
+}
