@@ -483,3 +483,161 @@ fn late_replica_with_a_large_data_set_bootstraps_under_load() {
         ) >= 1.0
     );
 }
+
+fn app_config(dir: &Path, primary: SocketAddr, replicas: &[SocketAddr]) -> String {
+    let list = replicas
+        .iter()
+        .map(|r| format!("\"{r}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[node]\nname = \"app\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\ncluster_secret = \"{SECRET}\"\n\n[app]\nlisten = \"127.0.0.1:0\"\nstorage = {{ primary = \"{primary}\", replicas = [{list}], max_lag = \"30s\", token_wait = \"50ms\", request_timeout = \"5s\" }}\n",
+        dir.join("data").display()
+    )
+}
+
+async fn app_status(app: &Node) -> serde_json::Value {
+    common::client()
+        .get(format!("{}/admin/status", app.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_with_a_replica_held_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(tmp.path(), "primary", 0, None, "", "");
+    let paddr = primary.storage.unwrap();
+    let proxy = FaultProxy::start(paddr, 0);
+    let replica = start(tmp.path(), "replica", 0, Some(proxy.addr), "", "");
+    let raddr = replica.storage.unwrap();
+    let adir = tmp.path().join("app");
+    std::fs::create_dir_all(&adir).unwrap();
+    let app = Node::start_with(&adir, &app_config(&adir, paddr, &[raddr]));
+    let url = app.url();
+    let c = common::client();
+
+    let r = c
+        .put(format!("{url}/api/v1/ryw/k"))
+        .json(&serde_json::json!({"v": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let lsn: u64 = r.headers()["strata-lsn"].to_str().unwrap().parse().unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with(&format!("strata-lsn=1.{lsn};")),
+        "{cookie}"
+    );
+
+    // Caught up: plain reads are served by the replica.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = app_status(&app).await;
+        let rep = &st["components"]["app"]["storage"]["replicas"][0];
+        if rep["ready"] == true && rep["applied_lsn"].as_u64() >= Some(lsn) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica never became usable: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..20 {
+        let r = c.get(format!("{url}/api/v1/ryw/k")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let st = app_status(&app).await;
+    assert!(
+        st["components"]["app"]["storage"]["reads"]["replica"].as_u64() >= Some(20),
+        "{st}"
+    );
+
+    // Hold the replica back: nothing flows to it any more.
+    proxy.set(Fault::Blackhole);
+    let mut stale_plain = 0;
+    for i in 1..=30u64 {
+        let r = c
+            .put(format!("{url}/api/v1/ryw/k"))
+            .json(&serde_json::json!({"v": i}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let lsn = r.headers()["strata-lsn"].to_str().unwrap().to_owned();
+        let cookie = r.headers()["set-cookie"].to_str().unwrap();
+        let token = cookie.split(';').next().unwrap().to_owned();
+        // Token in the cookie, then in the header: never older than the write.
+        let v: serde_json::Value = c
+            .get(format!("{url}/api/v1/ryw/k"))
+            .header("cookie", &token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["v"], i,
+            "read with cookie token {token} returned older data"
+        );
+        let v: serde_json::Value = c
+            .get(format!("{url}/api/v1/ryw/k"))
+            .header("strata-lsn", &lsn)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["v"], i,
+            "read with header token {lsn} returned older data"
+        );
+        let v: serde_json::Value = c
+            .get(format!("{url}/api/v1/ryw/k?consistency=strong"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["v"], i);
+        // A listing with the token too.
+        let l: serde_json::Value = c
+            .get(format!("{url}/api/v1/ryw"))
+            .header("cookie", &token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(l["items"][0]["value"]["v"], i, "{l}");
+        let v: serde_json::Value = c
+            .get(format!("{url}/api/v1/ryw/k"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["v"] != i {
+            stale_plain += 1;
+        }
+    }
+    let st = app_status(&app).await;
+    let reads = &st["components"]["app"]["storage"]["reads"];
+    assert!(reads["token_fallbacks"].as_u64() > Some(0), "{st}");
+    eprintln!(
+        "held-back replica: {stale_plain} of 30 token-less reads were stale (allowed); {reads}"
+    );
+    proxy.set(Fault::Pass);
+    wait_converged(paddr, raddr, Duration::from_secs(30));
+}

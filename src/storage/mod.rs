@@ -27,6 +27,7 @@ pub mod wire;
 
 use bytes::Bytes;
 
+pub use client::ReadConsistency;
 pub use engine::{Engine, EngineConfig, EngineError, EngineStatus};
 pub use store::{Store, StoreError};
 
