@@ -641,3 +641,142 @@ async fn read_your_writes_with_a_replica_held_back() {
     proxy.set(Fault::Pass);
     wait_converged(paddr, raddr, Duration::from_secs(30));
 }
+
+fn strata_cmd(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(common::bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn failover_promote_replica_then_old_primary_rejoins_and_discards_its_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pport = free_port();
+    let sync = "sync_replicas = 1\nsync_timeout = \"500ms\"\nsync_policy = \"fail\"\n";
+    let primary = start(tmp.path(), "primary", pport, None, "", sync);
+    let paddr = primary.storage.unwrap();
+    let proxy = FaultProxy::start(paddr, 0);
+    let replica = start(tmp.path(), "replica", 0, Some(proxy.addr), "", "");
+    let raddr = replica.storage.unwrap();
+
+    // Acknowledged writes, each to its own key, so a lost one is a missing key.
+    let mut p = Peer::connect(paddr).unwrap();
+    let mut acked = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        let key = format!("acked/w{}", acked.len());
+        if p.put(&key, "{\"ok\":true}").is_some() {
+            acked.push(key);
+        }
+    }
+    assert!(acked.len() > 20, "{} writes acknowledged", acked.len());
+
+    // The replica is cut off; writes are durable on the primary alone and NOT
+    // acknowledged (sync_policy = fail): the primary's diverging tail.
+    proxy.set(Fault::Blackhole);
+    let mut unacked = 0;
+    for i in 0..3 {
+        let w = WireWrite {
+            key: format!("tail/t{i}"),
+            body: Some(b"{}".to_vec()),
+            precondition: WirePrecondition::None,
+        };
+        match p.call(Request::Write { writes: vec![w] }) {
+            Some(Response::Error(e)) => {
+                assert!(e.message.contains("only 0 of 1 replicas"), "{}", e.message);
+                unacked += 1;
+            }
+            other => panic!("a write acknowledged without its replica: {other:?}"),
+        }
+    }
+    let old_last = status(paddr).unwrap().applied_lsn;
+    let mut primary = primary;
+    primary.kill9();
+    drop(proxy);
+
+    // Promote the replica through the CLI and the admin API.
+    let admin = replica.admin.to_string();
+    let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
+    assert!(ok, "{out}");
+    assert!(out.contains("\"epoch\": 2"), "{out}");
+    let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
+    assert!(!ok && out.contains("already the primary"), "{out}");
+    let st = status(raddr).unwrap();
+    assert_eq!((st.role.as_str(), st.epoch), ("primary", 2));
+    let promoted_at = st.applied_lsn;
+    assert!(
+        old_last > promoted_at,
+        "the old primary has a tail: {old_last} > {promoted_at}"
+    );
+
+    // The new primary takes writes.
+    let mut r = Peer::connect(raddr).unwrap();
+    for i in 0..50 {
+        assert!(r.put(&format!("after/a{i}"), "{}").is_some());
+    }
+
+    // The old primary comes back as a replica of the new one.
+    let dir = tmp.path().join("primary");
+    let text = storage_config(&dir, "primary", pport, Some(raddr), "");
+    let old = Node::start_with(&dir, &text);
+    let (lsn, records, _) = wait_converged(raddr, paddr, Duration::from_secs(30));
+    let logs = replica.logs();
+    assert!(
+        logs.contains("its log diverged from this primary's history"),
+        "{logs}"
+    );
+    let mut o = Peer::connect(paddr).unwrap();
+    for i in 0..3 {
+        match o.call(Request::Get {
+            key: format!("tail/t{i}"),
+        }) {
+            Some(Response::Record(None)) => {}
+            other => panic!("diverged write tail/t{i} survived: {other:?}"),
+        }
+    }
+    let st = o.repl().unwrap();
+    assert_eq!((st.role.as_str(), st.epoch), ("replica", 2));
+    // Every acknowledged write survived the failover.
+    let mut lost = 0;
+    for key in &acked {
+        match r.call(Request::Get { key: key.clone() }) {
+            Some(Response::Record(Some(_))) => {}
+            _ => lost += 1,
+        }
+    }
+    eprintln!(
+        "failover: {} acknowledged writes, {lost} lost (sync_replicas = 1); {unacked} unacknowledged \
+         entries ({}..={old_last}) discarded from the old primary; converged at LSN {lsn}, {records} records",
+        acked.len(),
+        promoted_at + 1
+    );
+    assert_eq!(lost, 0);
+    drop(old);
+}
+
+#[test]
+fn sync_policy_degrade_acknowledges_without_replicas_and_counts_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sync = "sync_replicas = 1\nsync_timeout = \"100ms\"\nsync_policy = \"degrade\"\n";
+    let primary = start(tmp.path(), "primary", 0, None, "", sync);
+    let mut p = Peer::connect(primary.storage.unwrap()).unwrap();
+    for i in 0..3 {
+        assert!(p.put(&format!("d/k{i}"), "{}").is_some());
+    }
+    let m = scrape(&primary);
+    assert_eq!(
+        metric(&m, "strata_replication_sync_degraded_total"),
+        3.0,
+        "{m}"
+    );
+    assert!(primary.logs().contains("sync_policy = degrade"));
+}
