@@ -780,3 +780,173 @@ fn sync_policy_degrade_acknowledges_without_replicas_and_counts_it() {
     );
     assert!(primary.logs().contains("sync_policy = degrade"));
 }
+
+/// One connection of a fake primary: the server half of the handshake with the real
+/// secret, then the Subscribe.
+fn fake_accept(s: &mut TcpStream, buf: &mut BytesMut) -> Option<(u64, Vec<(u64, u64)>)> {
+    let mut p = Peer {
+        s: s.try_clone().ok()?,
+        buf: BytesMut::new(),
+        next: 0,
+    };
+    let Some(Message::Hello { client_nonce, .. }) = p.recv() else {
+        return None;
+    };
+    let sn = protocol::nonce();
+    p.send(&Message::Challenge {
+        version: protocol::VERSION,
+        server_nonce: sn,
+        server_proof: protocol::proof(SECRET.as_bytes(), "server", &client_nonce, &sn),
+    })
+    .ok()?;
+    let Some(Message::Auth { .. }) = p.recv() else {
+        return None;
+    };
+    p.send(&Message::Welcome {
+        node: "fake".into(),
+        epoch: 1,
+        role: "primary".into(),
+    })
+    .ok()?;
+    let Some(Message::Subscribe {
+        history,
+        applied_lsn,
+        ..
+    }) = p.recv()
+    else {
+        return None;
+    };
+    *buf = p.buf;
+    Some((applied_lsn, history))
+}
+
+fn entry(lsn: u64, epoch: u64, key: &str) -> strata::storage::engine::LogEntry {
+    use strata::storage::engine::{LogEntry, LoggedWrite};
+    LogEntry {
+        lsn,
+        epoch,
+        timestamp_ms: 1_700_000_000_000 + lsn,
+        writes: vec![LoggedWrite {
+            key: key.into(),
+            value: Some(strata::storage::Record {
+                body: bytes::Bytes::from(format!("{{\"lsn\":{lsn}}}")),
+                lsn,
+                created_ms: 1,
+                updated_ms: 2,
+            }),
+        }],
+    }
+}
+
+#[test]
+fn garbage_and_out_of_order_entries_from_a_fake_primary_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake = listener.local_addr().unwrap();
+    let script = std::thread::spawn(move || {
+        let mut results = Vec::new();
+        for n in 0..6 {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = BytesMut::new();
+            let Some((applied, _)) = fake_accept(&mut s, &mut buf) else {
+                results.push(format!("conn {n}: no subscribe"));
+                continue;
+            };
+            results.push(format!("conn {n}: applied {applied}"));
+            let send = |s: &mut TcpStream, m: &Message| {
+                let _ = s.write_all(&protocol::encode_frame(m));
+            };
+            let start = Message::StreamStart {
+                history: vec![(1, 0)],
+                from_lsn: applied + 1,
+            };
+            let entries = |es: Vec<strata::storage::engine::LogEntry>| Message::Entries {
+                primary_lsn: 100,
+                entries: es.iter().map(|e| e.encode()).collect(),
+            };
+            match n {
+                // A valid stream: three entries.
+                0 => {
+                    send(&mut s, &start);
+                    send(
+                        &mut s,
+                        &entries((1..=3).map(|l| entry(l, 1, &format!("f/k{l}"))).collect()),
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                // Out of order: skips LSNs.
+                1 => {
+                    send(&mut s, &start);
+                    send(&mut s, &entries(vec![entry(applied + 5, 1, "f/gap")]));
+                }
+                // An older/unknown epoch for that LSN.
+                2 => {
+                    send(&mut s, &start);
+                    send(&mut s, &entries(vec![entry(applied + 1, 7, "f/epoch")]));
+                }
+                // A corrupt entry (checksum).
+                3 => {
+                    send(&mut s, &start);
+                    let mut bytes = entry(applied + 1, 1, "f/crc").encode();
+                    let last = bytes.len() - 1;
+                    bytes[last] ^= 0x20;
+                    send(
+                        &mut s,
+                        &Message::Entries {
+                            primary_lsn: 100,
+                            entries: vec![bytes],
+                        },
+                    );
+                }
+                // Garbage bytes in a frame.
+                4 => {
+                    send(&mut s, &start);
+                    let _ = s.write_all(&[0, 0, 0, 6, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]);
+                }
+                // Entries before any stream start, then a snapshot chunk outside a snapshot.
+                _ => {
+                    send(&mut s, &entries(vec![entry(applied + 1, 1, "f/early")]));
+                }
+            }
+            // Wait for the replica to hang up.
+            let mut sink = [0u8; 1024];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        }
+        results
+    });
+    let replica = start(tmp.path(), "replica", 0, Some(fake), "", "");
+    let raddr = replica.storage.unwrap();
+    let results = script.join().unwrap();
+    eprintln!("{results:?}");
+    let mut r = Peer::connect(raddr).unwrap();
+    let st = r.repl().unwrap();
+    assert_eq!(
+        st.applied_lsn, 3,
+        "only the valid entries were applied: {results:?}"
+    );
+    let (_, records, _) = r.hash().unwrap();
+    assert_eq!(records, 3);
+    for bad in ["f/gap", "f/epoch", "f/crc", "f/early"] {
+        assert!(matches!(
+            r.call(Request::Get { key: bad.into() }),
+            Some(Response::Record(None))
+        ));
+    }
+    let logs = replica.logs();
+    for why in [
+        "out of order",
+        "epoch 7",
+        "checksum mismatch",
+        "malformed frame",
+        "entries before the stream started",
+    ] {
+        assert!(logs.contains(why), "no log names {why:?}:\n{logs}");
+    }
+    assert!(
+        results
+            .iter()
+            .all(|r| r.contains("applied 3") || r.contains("applied 0")),
+        "{results:?}"
+    );
+}

@@ -1003,7 +1003,9 @@ impl Replication {
             failures += 1;
             match outcome {
                 Ok(()) => tracing::info!(primary = %addr, "replication stream ended; reconnecting"),
-                Err(e) if failures <= 1 => {
+                // A peer speaking nonsense is always worth a warning; a peer that is
+                // merely down is warned about once per outage.
+                Err(e) if failures <= 1 || matches!(e, ConnError::Protocol(_)) => {
                     tracing::warn!(primary = %addr, error = %e, "replication stream failed; reconnecting with backoff")
                 }
                 Err(e) => {
