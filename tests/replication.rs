@@ -950,3 +950,206 @@ fn garbage_and_out_of_order_entries_from_a_fake_primary_are_refused() {
         "{results:?}"
     );
 }
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Figures for BENCHMARKS-replication.md (run with --release --ignored --nocapture).
+#[test]
+#[ignore]
+fn bench_replication() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(
+        tmp.path(),
+        "primary",
+        0,
+        None,
+        "log_retention = 1000000",
+        "",
+    );
+    let paddr = primary.storage.unwrap();
+    let rport = free_port();
+    let replica = start(tmp.path(), "replica", rport, Some(paddr), "", "");
+    let raddr = replica.storage.unwrap();
+
+    // 1. Lag under a steady load: 2000 writes at ~500/s; time from the primary's ack to
+    // the replica answering a read gated on that write's LSN.
+    let mut p = Peer::connect(paddr).unwrap();
+    let mut r = Peer::connect(raddr).unwrap();
+    let mut lags = Vec::new();
+    for i in 0..2000u64 {
+        let t0 = Instant::now();
+        let lsn = p.put(&format!("lag/k{}", i % 100), "{\"x\":1}").unwrap();
+        let acked = Instant::now();
+        let resp = r.call(Request::AtLeast {
+            min_epoch: 0,
+            min_lsn: lsn,
+            wait_ms: 5000,
+            read: Box::new(Request::Get {
+                key: "lag/k0".into(),
+            }),
+        });
+        assert!(matches!(resp, Some(Response::Record(_))), "{resp:?}");
+        lags.push(acked.elapsed());
+        let spent = t0.elapsed();
+        if spent < Duration::from_millis(2) {
+            std::thread::sleep(Duration::from_millis(2) - spent);
+        }
+    }
+    lags.sort();
+    eprintln!(
+        "BENCH lag: n={} p50={:?} p99={:?} max={:?}",
+        lags.len(),
+        percentile(&lags, 0.5),
+        percentile(&lags, 0.99),
+        lags[lags.len() - 1]
+    );
+
+    // 2. Catch-up: stop the replica, write 100k entries (8 writers), restart, time it.
+    let mut replica = replica;
+    replica.kill9();
+    let before = Peer::connect(paddr).unwrap().repl().unwrap().applied_lsn;
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut p = Peer::connect(paddr).unwrap();
+                for i in 0..12_500u64 {
+                    p.put(
+                        &format!("cu/t{t}-{}", i % 1000),
+                        "{\"pad\":\"0123456789012345678901234567890123456789\"}",
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let target = Peer::connect(paddr).unwrap().repl().unwrap().applied_lsn;
+    let started = Instant::now();
+    let replica = Node::spawn(&replica.dir, &replica.config);
+    wait_for("catch-up", Duration::from_secs(120), || {
+        status(raddr).is_some_and(|s| s.applied_lsn >= target)
+    });
+    let took = started.elapsed();
+    eprintln!(
+        "BENCH catch-up: {} entries in {took:?} = {:.0} entries/s (including process start)",
+        target - before,
+        (target - before) as f64 / took.as_secs_f64()
+    );
+    drop(replica);
+
+    // 3. Snapshot bootstrap: a fresh replica of a primary whose log no longer covers
+    // the start: ~64 MB in 64k records.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let primary2 = start(tmp2.path(), "p2", 0, None, "log_retention = 10", "");
+    let p2 = primary2.storage.unwrap();
+    let mut p = Peer::connect(p2).unwrap();
+    let body = format!("{{\"pad\":\"{}\"}}", "z".repeat(1000));
+    for b in 0..320 {
+        let writes = (0..200)
+            .map(|i| WireWrite {
+                key: format!("snap/r{b:04}-{i:03}"),
+                body: Some(body.as_bytes().to_vec()),
+                precondition: WirePrecondition::None,
+            })
+            .collect();
+        assert!(matches!(
+            p.call(Request::Write { writes }),
+            Some(Response::Committed { .. })
+        ));
+    }
+    let started = Instant::now();
+    let r2 = start(tmp2.path(), "r2", 0, Some(p2), "", "");
+    let r2addr = r2.storage.unwrap();
+    wait_for("snapshot bootstrap", Duration::from_secs(300), || {
+        status(r2addr).is_some_and(|s| s.ready && s.applied_lsn >= 320)
+    });
+    let took = started.elapsed();
+    let mb = 64_000.0 * 1030.0 / 1e6;
+    eprintln!(
+        "BENCH snapshot: {mb:.0} MB in {took:?} = {:.1} MB/s (including process start)",
+        mb / took.as_secs_f64()
+    );
+}
+
+/// Read throughput through one app with 0, 1, 2 replicas (run with --release --ignored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_read_throughput() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(tmp.path(), "primary", 0, None, "", "");
+    let paddr = primary.storage.unwrap();
+    let r1 = start(tmp.path(), "r1", 0, Some(paddr), "", "");
+    let r2 = start(tmp.path(), "r2", 0, Some(paddr), "", "");
+    let reps = [r1.storage.unwrap(), r2.storage.unwrap()];
+    {
+        let mut p = Peer::connect(paddr).unwrap();
+        for i in 0..1000 {
+            p.put(&format!("rt/k{i}"), "{\"v\":1}").unwrap();
+        }
+    }
+    for r in reps {
+        wait_converged(paddr, r, Duration::from_secs(30));
+    }
+    for n in 0..=2 {
+        let dir = tmp.path().join(format!("app{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let app = Node::start_with(&dir, &app_config(&dir, paddr, &reps[..n]));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let url = app.url();
+        let count = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                let (url, count) = (url.clone(), count.clone());
+                tokio::spawn(async move {
+                    let c = common::client();
+                    let mut i = t;
+                    while Instant::now() < deadline {
+                        let r = c
+                            .get(format!("{url}/api/v1/rt/k{}", i % 1000))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(r.status(), 200);
+                        let _ = r.bytes().await;
+                        count.fetch_add(1, Ordering::Relaxed);
+                        i += 7;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let st = app_status(&app).await;
+        eprintln!(
+            "BENCH reads with {n} replicas: {:.0} req/s; {}",
+            count.load(Ordering::Relaxed) as f64 / 5.0,
+            st["components"]["app"]["storage"]["reads"]
+        );
+    }
+}
+
+#[test]
+fn shipped_stage4_configs_are_valid() {
+    for file in ["primary.toml", "replica1.toml", "replica2.toml", "app.toml"] {
+        let path = format!("{}/config/stage4/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(common::bin())
+            .args(["check", "--config", &path])
+            .env(
+                "STRATA_CLUSTER_SECRET",
+                "an-example-secret-of-32-characters",
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

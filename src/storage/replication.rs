@@ -381,6 +381,12 @@ impl Replication {
                 return Err("this node was deposed; restart it as a replica instead".into())
             }
         }
+        if self.engine.resyncing() {
+            return Err(
+                "this replica is installing a snapshot: its data is partial; promote another one"
+                    .into(),
+            );
+        }
         self.stop_follow.send_replace(true);
         let _gate = self.apply_gate.lock().await;
         let epoch = self.engine.promote().await.map_err(|e| e.to_string())?;
