@@ -1,4 +1,4 @@
-//! The `strata` command line: `serve`, `check`, `reload`.
+//! The `strata` command line: `serve`, `check`, `promote`.
 
 use std::path::PathBuf;
 
@@ -30,6 +30,16 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Promote a storage replica to primary of a new epoch (POST /admin/promote). Stop
+    /// or fence the old primary first; see the README's failover procedure.
+    Promote {
+        /// The replica's admin listener, host:port.
+        #[arg(long)]
+        admin: String,
+        /// An admin-scoped bearer token (or STRATA_ADMIN_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+    },
 }
 
 /// Parses the command line and runs the command; the binary's `main` is just this.
@@ -40,6 +50,18 @@ pub fn main() -> anyhow::Result<()> {
             let c = config::load::load_file(&config)?;
             print!("{}", toml::to_string_pretty(&c)?);
             eprintln!("{}: ok (roles: {})", config.display(), c.roles().join(", "));
+            Ok(())
+        }
+        Command::Promote { admin, token } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let token = token.or_else(|| std::env::var("STRATA_ADMIN_TOKEN").ok());
+            let (status, body) = runtime.block_on(post(&admin, "/admin/promote", token))?;
+            println!("{}", body.trim_end());
+            if !(200..300).contains(&status) {
+                anyhow::bail!("promotion refused (HTTP {status})");
+            }
             Ok(())
         }
         Command::Serve { config } => {
@@ -61,6 +83,41 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A minimal HTTP/1.1 POST to an admin listener (no body), with a deadline: returns the
+/// status and the response body.
+async fn post(addr: &str, path: &str, token: Option<String>) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 30s"))??;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{addr} did not answer HTTP"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // Chunked bodies: keep only the JSON part for the operator.
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &body[a..=b],
+        _ => body,
+    };
+    Ok((status, body.to_owned()))
 }
 
 fn init_tracing() {

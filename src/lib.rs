@@ -4,7 +4,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`cli`] | the `strata` command line (`serve`, `check`) |
+//! | [`cli`] | the `strata` command line (`serve`, `check`, `promote`) |
 //! | [`config`] | the TOML model, loading with file:line:col errors, secrets, live copy |
 //! | [`node`] | starting the roles a config names; reload on SIGHUP; ordered shutdown |
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |

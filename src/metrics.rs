@@ -114,6 +114,14 @@ impl Metrics {
         }
     }
 
+    /// Runs `refresh` before every scrape, for metrics (such as labelled families) whose
+    /// values are computed from state rather than counted.
+    pub fn on_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) {
+        if let Ok(mut r) = self.refreshers.lock() {
+            r.push(Box::new(refresh));
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         if let Ok(refreshers) = self.refreshers.lock() {

@@ -166,10 +166,23 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         let server = StorageServer::new(st, e.clone(), &secret, &config.node.name)?;
         server.register_metrics(&metrics);
         admin.add_component(server.clone());
+        let repl = server.replication().clone();
+        repl.start(stop_rx.clone());
+        admin.set_promoter(Box::new(move || {
+            let repl = repl.clone();
+            Box::pin(async move {
+                let (epoch, lsn) = repl.promote().await?;
+                Ok(serde_json::json!({ "promoted": true, "epoch": epoch, "after_lsn": lsn }))
+            })
+        }));
         let listener = bind("storage", st.listen).await?;
         let addr = listener.local_addr().unwrap_or(st.listen);
         println!(
-            "strata: storage listening on tcp://{addr} (primary, {})",
+            "strata: storage listening on tcp://{addr} ({}, {})",
+            match &st.follow {
+                Some(p) if st.mode == config::StorageMode::Replica => format!("replica of {p}"),
+                _ => "primary".to_owned(),
+            },
             match &st.tls {
                 Some(t) if t.client_ca.is_some() => "mutual TLS",
                 Some(_) => "TLS",

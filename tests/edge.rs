@@ -622,6 +622,9 @@ async fn client_disconnect_mid_response_leaves_the_edge_healthy() {
         s.write_all(b"GET /big HTTP/1.1\r\nHost: y\r\n\r\n")
             .await
             .unwrap();
+        // Let the edge read the request (a socket closed before that is never dispatched),
+        // then hang up while the origin is still thinking (it answers after 600 ms).
+        tokio::time::sleep(Duration::from_millis(200)).await;
     } // dropped before the origin even answered
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let r = common::client()

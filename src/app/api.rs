@@ -15,7 +15,8 @@ use super::AppSettings;
 use crate::http::body::{self, Body};
 use crate::http::problem::Problem;
 use crate::storage::{
-    Committed, Key, KeyError, ListQuery, Precondition, Record, Store, StoreError, Write, WriteOp,
+    Committed, Key, KeyError, ListQuery, Precondition, ReadConsistency, Record, Store, StoreError,
+    Write, WriteOp,
 };
 
 /// Header carrying a write's LSN: the consistency token read replicas will honour.
@@ -70,7 +71,7 @@ fn storage_problem(e: StoreError) -> Box<Problem> {
             )
             .with_retry_after(1),
         ),
-        StoreError::Internal(why) => {
+        StoreError::Internal(why) | StoreError::Behind(why) => {
             tracing::error!(error = %why, "storage failure");
             problem(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -212,9 +213,62 @@ fn record_headers(resp: &mut Response<Body>, record: &Record) {
     }
 }
 
-fn lsn_header(resp: &mut Response<Body>, lsn: u64) {
+/// Puts a write's consistency token on its response: the LSN in `Strata-LSN` (as
+/// before) and `epoch.lsn` in the `strata-lsn` cookie, which browsers send back on later
+/// reads so those never see data older than the write.
+fn lsn_header(resp: &mut Response<Body>, committed: &Committed) {
     resp.headers_mut()
-        .insert(LSN_HEADER, HeaderValue::from(lsn));
+        .insert(LSN_HEADER, HeaderValue::from(committed.lsn));
+    let cookie = format!(
+        "{LSN_HEADER}={}.{}; Path=/; Max-Age=300; SameSite=Lax; HttpOnly",
+        committed.epoch, committed.lsn
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// Parses a consistency token: `epoch.lsn` or a bare `lsn` (any epoch).
+fn parse_token(s: &str) -> Option<(u64, u64)> {
+    let s = s.trim();
+    match s.split_once('.') {
+        Some((e, l)) => Some((e.parse().ok()?, l.parse().ok()?)),
+        None => Some((0, s.parse().ok()?)),
+    }
+}
+
+/// What a read needs from storage: `?consistency=strong` reads the primary; a token in
+/// the `Strata-LSN` header or the `strata-lsn` cookie needs a node at or past it
+/// (the newer of the two when both are present); otherwise any healthy replica.
+pub fn read_consistency(headers: &HeaderMap, query: Option<&str>) -> ReadConsistency {
+    let strong = query
+        .unwrap_or("")
+        .split('&')
+        .any(|p| p == "consistency=strong");
+    if strong {
+        return ReadConsistency::Strong;
+    }
+    let mut best: Option<(u64, u64)> = headers
+        .get(LSN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_token);
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for c in v.split(';') {
+            if let Some(t) = c
+                .trim()
+                .strip_prefix(LSN_HEADER)
+                .and_then(|r| r.strip_prefix('='))
+                .and_then(parse_token)
+            {
+                best = Some(best.map_or(t, |b| b.max(t)));
+            }
+        }
+    }
+    match best {
+        Some((epoch, lsn)) => ReadConsistency::AtLeast { epoch, lsn },
+        None => ReadConsistency::Any,
+    }
 }
 
 /// GET/HEAD of one record.
@@ -222,12 +276,13 @@ pub async fn get_record(
     store: &Store,
     method: &Method,
     headers: &HeaderMap,
+    query: Option<&str>,
     collection: &str,
     id: &str,
 ) -> ApiResult {
     let key = Key::new(collection, id).map_err(bad_key)?;
     let record = store
-        .get(&key)
+        .read(&key, read_consistency(headers, query))
         .await
         .map_err(storage_problem)?
         .ok_or_else(|| problem(StatusCode::NOT_FOUND, format!("no record {key}")))?;
@@ -272,7 +327,7 @@ fn written(committed: &Committed, key: &Key, status_if_created: StatusCode) -> R
             resp.headers_mut().insert(header::LOCATION, v);
         }
     }
-    lsn_header(&mut resp, committed.lsn);
+    lsn_header(&mut resp, committed);
     resp
 }
 
@@ -426,9 +481,11 @@ pub async fn list(
     store: &Store,
     settings: &AppSettings,
     method: &Method,
+    headers: &HeaderMap,
     query: Option<&str>,
     collection: &str,
 ) -> ApiResult {
+    let consistency = read_consistency(headers, query);
     Key::check_collection(collection).map_err(bad_key)?;
     let mut q = ListQuery {
         limit: settings.list_default_limit,
@@ -460,15 +517,21 @@ pub async fn list(
             }
             "after" => q.after = Some(value),
             "prefix" => q.prefix = value,
+            "consistency" if value == "strong" || value == "eventual" => {}
             other => {
                 return Err(problem(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter {other:?}; use limit, after, prefix"),
+                    format!(
+                        "unknown query parameter {other:?}; use limit, after, prefix, consistency=strong"
+                    ),
                 ))
             }
         }
     }
-    let page = store.list(collection, &q).await.map_err(storage_problem)?;
+    let page = store
+        .list_with(collection, &q, consistency)
+        .await
+        .map_err(storage_problem)?;
     let mut out = Vec::with_capacity(
         64 + page
             .items
@@ -627,6 +690,6 @@ pub async fn batch(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    lsn_header(&mut resp, committed.lsn);
+    lsn_header(&mut resp, &committed);
     Ok(resp)
 }

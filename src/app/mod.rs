@@ -168,7 +168,7 @@ impl App {
         let result = match endpoint {
             Endpoint::Record { collection, id } => match *method {
                 Method::GET | Method::HEAD => {
-                    api::get_record(store, method, headers, collection, id).await
+                    api::get_record(store, method, headers, parts.uri.query(), collection, id).await
                 }
                 Method::PUT => {
                     api::put_record(store, settings, headers, body, collection, id).await
@@ -182,7 +182,17 @@ impl App {
                 Method::POST => {
                     api::create_record(store, settings, headers, body, collection).await
                 }
-                _ => api::list(store, settings, method, parts.uri.query(), collection).await,
+                _ => {
+                    api::list(
+                        store,
+                        settings,
+                        method,
+                        headers,
+                        parts.uri.query(),
+                        collection,
+                    )
+                    .await
+                }
             },
             Endpoint::Batch => api::batch(store, settings, headers, body).await,
             Endpoint::ApiNotFound | Endpoint::Static => self.serve_static(&parts, settings).await,

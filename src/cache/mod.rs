@@ -8,7 +8,7 @@
 //! - **Scan resistant.** Eviction is S3-FIFO-class (a small probationary queue, a main
 //!   queue, and a ghost list of recently evicted hashes), provided by `quick_cache`, which
 //!   beat a hand-made S3-FIFO on `dashmap`, a plain LRU and moka's W-TinyLFU on both hit
-//!   ratio and read throughput (`BENCHMARKS-cache.md`, `benches/cache.rs`).
+//!   ratio and read throughput (`BENCHMARKS.md`, `benches/cache.rs`).
 //! - **Coherent with storage.** Fills carry the LSN they were read at and pass an LSN gate
 //!   ([`Cache::insert_if_fresh`]): after `invalidate(key, lsn)` no fill read before `lsn`
 //!   can enter, so a slow read never puts back a value a later write replaced.

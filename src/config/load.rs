@@ -228,14 +228,21 @@ fn validate_storage(path: &Path, config: &Config) -> Result<(), ConfigError> {
         }
     }
     if let Some(st) = &config.storage {
-        if st.mode == StorageMode::Replica {
+        if st.mode == StorageMode::Replica && st.follow.is_none() {
             return Err(ConfigError::invalid(
                 path,
-                "storage.mode",
-                "mode = \"replica\" is not built yet (read replicas come with stage 4); use \"primary\"",
+                "storage.follow",
+                "mode = \"replica\" needs follow = \"host:port\" of the primary",
             ));
         }
-        if st.follow.is_some() {
+        if st.mode == StorageMode::Replica && st.sync_replicas > 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "storage.sync_replicas",
+                "only a primary waits for replicas; set it on the primary",
+            ));
+        }
+        if st.mode == StorageMode::Primary && st.follow.is_some() {
             return Err(ConfigError::invalid(
                 path,
                 "storage.follow",
@@ -401,7 +408,13 @@ mod tests {
         )
         .unwrap();
         let e = validate(Path::new("t"), &c).unwrap_err().to_string();
-        assert!(e.contains("not built yet"), "{e}");
+        assert!(e.contains("needs follow"), "{e}");
+        let c = parse(
+            Path::new("t"),
+            &format!("{with}{storage}mode = \"replica\"\nfollow = \"127.0.0.1:7001\"\n"),
+        )
+        .unwrap();
+        validate(Path::new("t"), &c).unwrap();
         let c = parse(
             Path::new("t"),
             &format!("{with}[app]\nstorage = {{ primary = \"nope\" }}\n"),

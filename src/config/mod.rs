@@ -21,7 +21,9 @@ use arc_swap::ArcSwap;
 pub use balancer::BalancerConfig;
 pub use load::ConfigError;
 pub use model::{AppConfig, Config, HttpLimits, NodeConfig, Scope, TokenConfig};
-pub use storage::{ClientTls, RemoteStorage, ServerTls, StorageConfig, StorageMode, StorageTarget};
+pub use storage::{
+    ClientTls, RemoteStorage, ServerTls, StorageConfig, StorageMode, StorageTarget, SyncPolicy,
+};
 pub use units::{Dur, Size};
 
 /// Where the running config came from.

@@ -16,12 +16,33 @@ use super::units::{Dur, Size};
 pub struct StorageConfig {
     /// Where apps (and, later, replicas) connect. Needs a restart to change.
     pub listen: std::net::SocketAddr,
-    /// `primary` takes writes; `replica` follows a primary (stage 4: refused for now).
+    /// `primary` takes writes; `replica` follows a primary by log shipping, serves reads
+    /// and refuses writes.
     #[serde(default)]
     pub mode: StorageMode,
-    /// The primary a replica follows, `host:port`. Only meaningful with `mode = "replica"`.
+    /// The primary a replica follows, `host:port`. Required with `mode = "replica"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow: Option<String>,
+    /// TLS a replica uses to reach the primary it follows (like the app's link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_tls: Option<ClientTls>,
+    /// On a primary: a write is acknowledged only once this many replicas hold it
+    /// durably. 0 (the default) acknowledges after the primary's own fsync.
+    #[serde(default)]
+    pub sync_replicas: usize,
+    /// How long a write waits for `sync_replicas` acknowledgements before the policy
+    /// applies.
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout: Dur,
+    /// What happens when too few replicas confirm a write in time: `fail` answers the
+    /// client that the outcome is unknown (the write is durable on the primary only),
+    /// `degrade` acknowledges anyway, counts it and logs it.
+    #[serde(default)]
+    pub sync_policy: SyncPolicy,
+    /// On a replica: largest lag (time since it last held everything the primary had)
+    /// at which it still reports ready.
+    #[serde(default = "default_replica_max_lag")]
+    pub max_lag: Dur,
     /// Largest frame a peer may send; a bigger one closes the connection. Bounds the
     /// memory one connection can make the server allocate.
     #[serde(default = "default_max_frame")]
@@ -60,6 +81,24 @@ fn default_handshake_timeout() -> Dur {
 fn default_frame_timeout() -> Dur {
     Dur::secs(10)
 }
+fn default_sync_timeout() -> Dur {
+    Dur::secs(2)
+}
+fn default_replica_max_lag() -> Dur {
+    Dur::secs(30)
+}
+
+/// What a primary with `sync_replicas` does when too few replicas confirm in time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// Answer "outcome unknown" (504): never claim a replication that did not happen.
+    #[default]
+    Fail,
+    /// Acknowledge with only the primary's copy; counted in
+    /// `strata_replication_sync_degraded` and logged.
+    Degrade,
+}
 
 /// Whether a storage node takes writes or follows another.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +127,8 @@ pub struct ServerTls {
 
 /// Where the app's records live: `"embedded"` or a remote storage server.
 #[derive(Clone, Debug, Default, PartialEq)]
+// Built once per config load; the size difference costs nothing on a hot path.
+#[allow(clippy::large_enum_variant)]
 pub enum StorageTarget {
     /// The sled engine inside this process.
     #[default]
@@ -139,10 +180,18 @@ impl<'de> Deserialize<'de> for StorageTarget {
 pub struct RemoteStorage {
     /// The primary, `host:port`: every request goes there in stage 2.
     pub primary: String,
-    /// Read replicas (stage 4). Accepted so configs can be written ahead; ignored with a
-    /// log line for now.
+    /// Read replicas, `host:port` each: reads go to a healthy one (least outstanding
+    /// requests of two random choices), writes always to the primary.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<String>,
+    /// A replica lagging more than this is skipped for reads; when none qualifies the
+    /// primary serves them.
+    #[serde(default = "default_app_max_lag")]
+    pub max_lag: Dur,
+    /// How long a read carrying a consistency token waits for a replica to reach it
+    /// before it goes to the primary.
+    #[serde(default = "default_token_wait")]
+    pub token_wait: Dur,
     /// How many multiplexed connections to keep to the primary. A few spread the work of
     /// one busy app over the server's cores and survive the loss of one.
     #[serde(default = "default_connections")]
@@ -163,6 +212,12 @@ pub struct RemoteStorage {
     pub tls: Option<ClientTls>,
 }
 
+fn default_app_max_lag() -> Dur {
+    Dur::secs(5)
+}
+fn default_token_wait() -> Dur {
+    Dur::millis(50)
+}
 fn default_connections() -> usize {
     4
 }

@@ -27,6 +27,14 @@ pub trait Component: Send + Sync {
 
 type Reloader = Box<dyn Fn() -> ReloadReport + Send + Sync>;
 type Purger = Box<dyn Fn(Option<&str>, Option<&str>) -> usize + Send + Sync>;
+/// What `POST /admin/promote` runs: the storage role's promotion, answering a JSON report
+/// or why it was refused.
+pub type Promoter = Box<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 /// State behind the admin endpoints.
 pub struct Admin {
@@ -37,6 +45,7 @@ pub struct Admin {
     components: Mutex<Vec<Arc<dyn Component>>>,
     reloader: OnceLock<Reloader>,
     purger: OnceLock<Purger>,
+    promoter: OnceLock<Promoter>,
     last_reload: Mutex<Option<ReloadReport>>,
 }
 
@@ -55,6 +64,7 @@ impl Admin {
             components: Mutex::new(Vec::new()),
             reloader: OnceLock::new(),
             purger: OnceLock::new(),
+            promoter: OnceLock::new(),
             last_reload: Mutex::new(None),
         })
     }
@@ -78,6 +88,11 @@ impl Admin {
         f: impl Fn(Option<&str>, Option<&str>) -> usize + Send + Sync + 'static,
     ) {
         let _ = self.purger.set(Box::new(f));
+    }
+
+    /// Sets what `POST /admin/promote` runs (only storage nodes have one).
+    pub fn set_promoter(&self, f: Promoter) {
+        let _ = self.promoter.set(f);
     }
 
     /// Runs the node's reload, records the outcome for `/admin/status`, then logs it (in
@@ -209,6 +224,7 @@ impl Admin {
             "/metrics" => ("metrics", &[Method::GET]),
             "/admin/status" => ("status", &[Method::GET]),
             "/admin/reload" => ("reload", &[Method::POST]),
+            "/admin/promote" => ("promote", &[Method::POST]),
             _ => {
                 return (
                     "unknown",
@@ -223,7 +239,7 @@ impl Admin {
         if !allowed.contains(req.method()) {
             return (route, method_not_allowed(allowed));
         }
-        if matches!(route, "metrics" | "status" | "reload") {
+        if matches!(route, "metrics" | "status" | "reload" | "promote") {
             if let Err(problem) = self.tokens.load().check(req.headers(), Scope::Admin) {
                 return (route, problem.into_response());
             }
@@ -250,6 +266,20 @@ impl Admin {
                 r
             }
             "status" => json_response(StatusCode::OK, &self.status()),
+            "promote" => match self.promoter.get() {
+                Some(promote) => match promote().await {
+                    Ok(report) => {
+                        tracing::warn!(%report, "promoted by the admin API");
+                        json_response(StatusCode::OK, &report)
+                    }
+                    Err(why) => Problem::new(StatusCode::CONFLICT, why).into_response(),
+                },
+                None => Problem::new(
+                    StatusCode::CONFLICT,
+                    "this node has no storage role to promote",
+                )
+                .into_response(),
+            },
             // Reload reads files: run it on the blocking pool, off the async workers.
             _ => match tokio::task::spawn_blocking(move || self.reload())
                 .await

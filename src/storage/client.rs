@@ -1,6 +1,13 @@
 //! The app's side of remote storage: a small pool of multiplexed connections to the
-//! primary, each carrying many requests at once, kept open by background tasks that
-//! reconnect with exponential backoff.
+//! primary (and one to each read replica), each carrying many requests at once, kept open
+//! by background tasks that reconnect with exponential backoff.
+//!
+//! Read routing: writes and `Strong` reads go to the primary. Other reads go to a replica
+//! that is connected, ready, within `max_lag` (polled every 100 ms), picked as the less
+//! busy of two at random; a read carrying a write's `(epoch, lsn)` token is sent wrapped
+//! in `AtLeast`, so the replica answers only once it has applied the token (waiting up
+//! to `token_wait`) — otherwise, or when the replica fails, the primary answers. A read
+//! therefore never returns data older than the token it carries.
 //!
 //! Failure rules, which the data API turns into status codes:
 //! - no live connection: [`StoreError::Unavailable`] at once (503, `Retry-After`);
@@ -45,9 +52,101 @@ pub enum ClientError {
     Address(String),
 }
 
-/// A storage server as the app sees it.
+/// A storage server as the app sees it: the primary (writes, strong reads) and any read
+/// replicas.
 pub struct RemoteStore {
     shared: Arc<Shared>,
+    replicas: Vec<Arc<ReplicaLink>>,
+    max_lag: Duration,
+    token_wait: Duration,
+    replica_reads: AtomicU64,
+    primary_reads: AtomicU64,
+    token_fallbacks: AtomicU64,
+}
+
+/// What a read needs from the node that serves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadConsistency {
+    /// Any healthy replica within `max_lag`.
+    Any,
+    /// A node that has applied at least this `(epoch, lsn)` (a write's token).
+    AtLeast {
+        /// Epoch of the token (0: any).
+        epoch: u64,
+        /// LSN of the token.
+        lsn: u64,
+    },
+    /// The primary.
+    Strong,
+}
+
+/// A read replica: its pool and what its last status poll said.
+struct ReplicaLink {
+    pool: Arc<Shared>,
+    view: Mutex<Option<protocol::WireReplStatus>>,
+    outstanding: AtomicUsize,
+}
+
+impl ReplicaLink {
+    fn view(&self) -> Option<protocol::WireReplStatus> {
+        self.view.lock().ok().and_then(|v| v.clone())
+    }
+}
+
+/// How often an app asks each replica for its applied LSN and lag.
+const REPLICA_POLL: Duration = Duration::from_millis(100);
+
+/// Keeps a replica's view fresh; a failed poll marks it unusable until the next success.
+async fn poll_replica(link: Arc<ReplicaLink>, mut shutdown: Shutdown) {
+    loop {
+        let view = match link.pool.request(Request::ReplStatus, true).await {
+            Ok(Response::ReplStatus(s)) => Some(s),
+            _ => None,
+        };
+        if let Ok(mut v) = link.view.lock() {
+            *v = view;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REPLICA_POLL) => {}
+            _ = wait_for(&mut shutdown) => break,
+        }
+    }
+}
+
+/// Builds one address's connection pool and starts its connection tasks.
+fn pool(
+    config: &RemoteStorage,
+    addr: &str,
+    secret: &[u8],
+    shutdown: &Shutdown,
+) -> Result<Arc<Shared>, ClientError> {
+    let host = split_host(addr).ok_or_else(|| ClientError::Address(addr.to_owned()))?;
+    let tls = match &config.tls {
+        Some(t) => {
+            let cfg = crate::tls::client_config(&t.ca, t.cert.as_deref(), t.key.as_deref())?;
+            let name = crate::tls::server_name(t.server_name.as_deref().unwrap_or(host))?;
+            Some((TlsConnector::from(cfg), name))
+        }
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        addr: addr.to_owned(),
+        secret: Arc::from(secret),
+        tls,
+        connect_timeout: config.connect_timeout.get(),
+        request_timeout: config.request_timeout.get(),
+        max_frame: config.max_frame.as_usize().min(protocol::MAX_FRAME_CEILING),
+        slots: (0..config.connections.max(1))
+            .map(|_| ArcSwapOption::empty())
+            .collect(),
+        next: AtomicUsize::new(0),
+        last_error: Mutex::new(Some("not connected yet".into())),
+        server_node: Mutex::new(None),
+    });
+    for slot in 0..shared.slots.len() {
+        tokio::spawn(maintain(shared.clone(), slot, shutdown.clone()));
+    }
+    Ok(shared)
 }
 
 struct Shared {
@@ -81,41 +180,145 @@ impl RemoteStore {
         secret: &[u8],
         shutdown: Shutdown,
     ) -> Result<Arc<Self>, ClientError> {
-        let host = split_host(&config.primary)
-            .ok_or_else(|| ClientError::Address(config.primary.clone()))?;
-        let tls = match &config.tls {
-            Some(t) => {
-                let cfg = crate::tls::client_config(&t.ca, t.cert.as_deref(), t.key.as_deref())?;
-                let name = crate::tls::server_name(t.server_name.as_deref().unwrap_or(host))?;
-                Some((TlsConnector::from(cfg), name))
-            }
-            None => None,
+        let shared = pool(config, &config.primary, secret, &shutdown)?;
+        let mut replicas = Vec::with_capacity(config.replicas.len());
+        for addr in &config.replicas {
+            let link = Arc::new(ReplicaLink {
+                pool: pool(config, addr, secret, &shutdown)?,
+                view: Mutex::new(None),
+                outstanding: AtomicUsize::new(0),
+            });
+            tokio::spawn(poll_replica(link.clone(), shutdown.clone()));
+            replicas.push(link);
+        }
+        Ok(Arc::new(RemoteStore {
+            shared,
+            replicas,
+            max_lag: config.max_lag.get(),
+            token_wait: config.token_wait.get(),
+            replica_reads: AtomicU64::new(0),
+            primary_reads: AtomicU64::new(0),
+            token_fallbacks: AtomicU64::new(0),
+        }))
+    }
+
+    /// Reads one record with the given consistency: from a healthy replica when one
+    /// qualifies (see the module docs), else from the primary.
+    pub async fn read(
+        &self,
+        key: &Key,
+        consistency: ReadConsistency,
+    ) -> Result<Option<Record>, StoreError> {
+        let request = Request::Get {
+            key: key.to_string(),
         };
-        if !config.replicas.is_empty() {
-            tracing::info!(
-                replicas = config.replicas.len(),
-                "app.storage.replicas is set but read replicas are not built yet; \
-                 every request goes to the primary"
-            );
+        match self.routed(request, consistency).await? {
+            Response::Record(r) => Ok(r.map(wire::record_from_wire)),
+            other => Err(unexpected(other)),
         }
-        let shared = Arc::new(Shared {
-            addr: config.primary.clone(),
-            secret: Arc::from(secret),
-            tls,
-            connect_timeout: config.connect_timeout.get(),
-            request_timeout: config.request_timeout.get(),
-            max_frame: config.max_frame.as_usize().min(protocol::MAX_FRAME_CEILING),
-            slots: (0..config.connections.max(1))
-                .map(|_| ArcSwapOption::empty())
-                .collect(),
-            next: AtomicUsize::new(0),
-            last_error: Mutex::new(Some("not connected yet".into())),
-            server_node: Mutex::new(None),
-        });
-        for slot in 0..shared.slots.len() {
-            tokio::spawn(maintain(shared.clone(), slot, shutdown.clone()));
+    }
+
+    /// Lists a collection with the given consistency (as [`RemoteStore::read`]).
+    pub async fn list_with(
+        &self,
+        collection: &str,
+        query: &ListQuery,
+        consistency: ReadConsistency,
+    ) -> Result<ListPage, StoreError> {
+        let request = Request::List {
+            collection: collection.to_owned(),
+            prefix: query.prefix.clone(),
+            after: query.after.clone(),
+            limit: u32::try_from(query.limit).unwrap_or(u32::MAX),
+        };
+        match self.routed(request, consistency).await? {
+            Response::Page { items, next } => Ok(wire::page_from_wire(items, next)),
+            other => Err(unexpected(other)),
         }
-        Ok(Arc::new(RemoteStore { shared }))
+    }
+
+    /// Sends a read to a replica that qualifies, falling back to the primary when none
+    /// does, when the replica fails, or when it cannot reach the read's token in time.
+    async fn routed(
+        &self,
+        request: Request,
+        consistency: ReadConsistency,
+    ) -> Result<Response, StoreError> {
+        let token = match consistency {
+            ReadConsistency::Strong => None,
+            ReadConsistency::Any => Some((0, 0)),
+            ReadConsistency::AtLeast { epoch, lsn } => Some((epoch, lsn)),
+        };
+        if let Some((epoch, lsn)) = token {
+            if let Some(link) = self.pick_replica(epoch) {
+                let known = link.view().map_or(0, |v| v.applied_lsn);
+                let body = if lsn == 0 || (known >= lsn && epoch == 0) {
+                    request.clone()
+                } else {
+                    Request::AtLeast {
+                        min_epoch: epoch,
+                        min_lsn: lsn,
+                        wait_ms: u32::try_from(self.token_wait.as_millis()).unwrap_or(u32::MAX),
+                        read: Box::new(request.clone()),
+                    }
+                };
+                link.outstanding.fetch_add(1, Ordering::Relaxed);
+                let answer = link.pool.request(body, true).await;
+                link.outstanding.fetch_sub(1, Ordering::Relaxed);
+                match answer {
+                    Ok(r) => {
+                        self.replica_reads.fetch_add(1, Ordering::Relaxed);
+                        return Ok(r);
+                    }
+                    Err(StoreError::Behind(_)) => {
+                        self.token_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(replica = %link.pool.addr, error = %e, "replica read failed; reading the primary");
+                    }
+                }
+            }
+        }
+        self.primary_reads.fetch_add(1, Ordering::Relaxed);
+        self.shared.request(request, true).await
+    }
+
+    /// A replica for a read: among those connected, ready, within `max_lag` and at
+    /// `min_epoch` or later, the one with fewer outstanding requests of two at random.
+    fn pick_replica(&self, min_epoch: u64) -> Option<Arc<ReplicaLink>> {
+        let ok: Vec<&Arc<ReplicaLink>> = self
+            .replicas
+            .iter()
+            .filter(|r| {
+                r.pool.live() > 0
+                    && r.view().is_some_and(|v| {
+                        v.ready
+                            && v.role != "fenced"
+                            && v.epoch >= min_epoch
+                            && Duration::from_millis(v.lag_ms) <= self.max_lag
+                    })
+            })
+            .collect();
+        match ok.len() {
+            0 => None,
+            1 => Some(ok[0].clone()),
+            n => {
+                let a = rand::random::<usize>() % n;
+                let mut b = rand::random::<usize>() % (n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let load = |r: &ReplicaLink| r.outstanding.load(Ordering::Relaxed);
+                Some(
+                    if load(ok[b]) < load(ok[a]) {
+                        ok[b]
+                    } else {
+                        ok[a]
+                    }
+                    .clone(),
+                )
+            }
+        }
     }
 
     /// Waits until at least one connection is up, or `limit` passes.
@@ -136,7 +339,7 @@ impl RemoteStore {
         metrics.gauge_fn(
             "storage_client_connections_up",
             "Connections from this app to its storage server that are up",
-            move || weak.upgrade().map_or(0, |s| s.live() as i64),
+            move || weak.upgrade().map_or(0, |s| s.shared.live() as i64),
         );
     }
 
@@ -145,7 +348,7 @@ impl RemoteStore {
         let request = Request::Get {
             key: key.to_string(),
         };
-        match self.request(request, true).await? {
+        match self.shared.request(request, true).await? {
             Response::Record(r) => Ok(r.map(wire::record_from_wire)),
             other => Err(unexpected(other)),
         }
@@ -159,7 +362,7 @@ impl RemoteStore {
             after: query.after.clone(),
             limit: u32::try_from(query.limit).unwrap_or(u32::MAX),
         };
-        match self.request(request, true).await? {
+        match self.shared.request(request, true).await? {
             Response::Page { items, next } => Ok(wire::page_from_wire(items, next)),
             other => Err(unexpected(other)),
         }
@@ -170,7 +373,7 @@ impl RemoteStore {
         let request = Request::Write {
             writes: writes.iter().map(wire::write_to_wire).collect(),
         };
-        match self.request(request, false).await? {
+        match self.shared.request(request, false).await? {
             Response::Committed {
                 lsn,
                 epoch,
@@ -189,22 +392,9 @@ impl RemoteStore {
         }
     }
 
-    /// `Ok` while at least one connection is up; otherwise why not.
+    /// `Ok` while at least one connection to the primary is up; otherwise why not.
     pub fn ready(&self) -> Result<(), String> {
-        if self.live() > 0 {
-            return Ok(());
-        }
-        let why = self
-            .shared
-            .last_error
-            .lock()
-            .ok()
-            .and_then(|e| e.clone())
-            .unwrap_or_else(|| "no connection".into());
-        Err(format!(
-            "storage at {} unreachable: {why}",
-            self.shared.addr
-        ))
+        self.shared.ready()
     }
 
     /// The pool's state for `/admin/status`.
@@ -215,14 +405,46 @@ impl RemoteStore {
             "tls": self.shared.tls.is_some(),
             "server_node": self.shared.server_node.lock().ok().and_then(|n| n.clone()),
             "connections": self.shared.slots.len(),
-            "connections_up": self.live(),
+            "connections_up": self.shared.live(),
             "last_error": self.shared.last_error.lock().ok().and_then(|e| e.clone()),
+            "reads": {
+                "replica": self.replica_reads.load(Ordering::Relaxed),
+                "primary": self.primary_reads.load(Ordering::Relaxed),
+                "token_fallbacks": self.token_fallbacks.load(Ordering::Relaxed),
+            },
+            "replicas": self.replicas.iter().map(|r| {
+                let v = r.view();
+                serde_json::json!({
+                    "addr": r.pool.addr,
+                    "connections_up": r.pool.live(),
+                    "outstanding": r.outstanding.load(Ordering::Relaxed),
+                    "role": v.as_ref().map(|v| v.role.clone()),
+                    "applied_lsn": v.as_ref().map(|v| v.applied_lsn),
+                    "lag_ms": v.as_ref().map(|v| v.lag_ms),
+                    "ready": v.as_ref().is_some_and(|v| v.ready),
+                })
+            }).collect::<Vec<_>>(),
         })
+    }
+}
+
+impl Shared {
+    /// `Ok` while at least one connection is up; otherwise why not.
+    fn ready(&self) -> Result<(), String> {
+        if self.live() > 0 {
+            return Ok(());
+        }
+        let why = self
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "no connection".into());
+        Err(format!("storage at {} unreachable: {why}", self.addr))
     }
 
     fn live(&self) -> usize {
-        self.shared
-            .slots
+        self.slots
             .iter()
             .filter(|s| s.load().as_ref().is_some_and(|c| c.is_open()))
             .count()
@@ -230,11 +452,11 @@ impl RemoteStore {
 
     /// A live connection, round robin, other than `avoid` when another exists.
     fn pick(&self, avoid: Option<&Arc<Conn>>) -> Option<Arc<Conn>> {
-        let n = self.shared.slots.len();
-        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut fallback = None;
         for i in 0..n {
-            let Some(conn) = self.shared.slots[(start + i) % n].load_full() else {
+            let Some(conn) = self.slots[(start + i) % n].load_full() else {
                 continue;
             };
             if !conn.is_open() {
@@ -259,11 +481,7 @@ impl RemoteStore {
         };
         let first = self.pick(None).ok_or_else(|| self.unavailable())?;
         let error = match first
-            .call(
-                &frame_of,
-                self.shared.request_timeout,
-                self.shared.max_frame,
-            )
+            .call(&frame_of, self.request_timeout, self.max_frame)
             .await
         {
             Ok(r) => return answer(r),
@@ -280,18 +498,14 @@ impl RemoteStore {
                 CallError::TooLarge(why) => return Err(StoreError::InvalidBatch(why)),
                 CallError::NotSent(_) => return Err(self.unavailable()),
             };
-            tracing::warn!(storage = %self.shared.addr, reason = %why, "write outcome unknown");
+            tracing::warn!(storage = %self.addr, reason = %why, "write outcome unknown");
             return Err(StoreError::OutcomeUnknown(format!(
                 "{why}; the write may or may not have been applied"
             )));
         }
         let second = self.pick(Some(&first)).ok_or_else(|| self.unavailable())?;
         match second
-            .call(
-                &frame_of,
-                self.shared.request_timeout,
-                self.shared.max_frame,
-            )
+            .call(&frame_of, self.request_timeout, self.max_frame)
             .await
         {
             Ok(r) => answer(r),
@@ -327,7 +541,7 @@ fn unexpected(r: Response) -> StoreError {
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
-fn split_host(addr: &str) -> Option<&str> {
+pub(crate) fn split_host(addr: &str) -> Option<&str> {
     let (host, port) = addr.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');

@@ -113,6 +113,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next message if a whole one is already buffered, without touching the socket:
+    /// lets a replica gather every entry that has arrived into one apply.
+    pub fn buffered(&mut self) -> Result<Option<Message>, ConnError> {
+        let msg = protocol::decode_frame(&mut self.buf, self.max_frame)?;
+        if msg.is_some() {
+            self.partial_since = (!self.buf.is_empty()).then(Instant::now);
+        }
+        Ok(msg)
+    }
+
     /// The next message, treating a clean close as an error (inside a handshake).
     pub async fn expect(&mut self) -> Result<Message, ConnError> {
         self.read().await?.ok_or(ConnError::Closed)

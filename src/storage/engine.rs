@@ -49,8 +49,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
+use super::replication::state::{EntryRefused, Follower, History};
 use super::{
     Committed, Key, ListPage, ListQuery, Precondition, Record, Write, WriteOp, WriteResult,
 };
@@ -93,6 +94,14 @@ pub enum EngineError {
     /// Stored bytes did not decode or failed their checksum.
     #[error("storage corruption: {0}")]
     Corrupt(String),
+    /// A replicated entry was refused (out of order, or from the wrong epoch); nothing of
+    /// its batch was applied.
+    #[error("replicated entry refused: {0}")]
+    Refused(#[from] EntryRefused),
+    /// The operation needs another replication state (e.g. promoting a node whose
+    /// snapshot install is incomplete).
+    #[error("{0}")]
+    State(String),
 }
 
 /// A snapshot of the engine's state for status pages and metrics.
@@ -112,6 +121,10 @@ pub struct EngineStatus {
     /// Bytes on disk.
     pub disk_bytes: u64,
 }
+
+/// One page of a snapshot: `(collection/id, record)` pairs and the cursor of the next page
+/// (`None` after the last).
+pub type SnapshotPage = (Vec<(String, Record)>, Option<Vec<u8>>);
 
 /// One client batch as the replication log keeps it: everything a replica needs to apply
 /// the batch exactly as the primary did, in LSN order.
@@ -175,6 +188,10 @@ const RECORD_PREFIX: u8 = b'r';
 const LOG_PREFIX: u8 = b'l';
 const META_EPOCH: &[u8] = b"mepoch";
 const META_LAST_LSN: &[u8] = b"mlast_lsn";
+/// The epoch history ([`History::encode`]).
+const META_HISTORY: &[u8] = b"mhistory";
+/// Present while a snapshot install is under way: the records are partial until it ends.
+const META_RESYNC: &[u8] = b"mresync";
 
 /// Log entries removed per truncation pass (one small batch after each group commit).
 const TRUNCATE_CHUNK: u64 = 4096;
@@ -188,6 +205,12 @@ struct Shared {
     first_log_lsn: AtomicU64,
     records: AtomicU64,
     metrics: EngineMetrics,
+    /// The epoch history; changes only on the writer thread (adopt, promote, snapshot).
+    history: Mutex<History>,
+    /// True while a snapshot install is incomplete (also stored as `META_RESYNC`).
+    resyncing: AtomicBool,
+    /// Publishes `durable_lsn` so replication senders wake on new entries without polling.
+    durable_tx: watch::Sender<u64>,
 }
 
 struct Request {
@@ -197,7 +220,19 @@ struct Request {
 
 enum Msg {
     Write(Request),
+    Repl(ReplOp, oneshot::Sender<Result<u64, EngineError>>),
     Shutdown,
+}
+
+/// Replication's changes to the engine, carried out on the writer thread in order with
+/// client writes. Each answers an LSN (see [`Engine`]'s replication methods).
+enum ReplOp {
+    Apply(Vec<LogEntry>),
+    Adopt(History),
+    SnapshotBegin(History, u64),
+    SnapshotChunk(Vec<(String, Record)>),
+    SnapshotEnd,
+    Promote,
 }
 
 /// The engine handle.
@@ -523,6 +558,26 @@ impl Engine {
             }
         };
 
+        let history = match db
+            .get(META_HISTORY)
+            .map_err(|e| sled_err("read history", e))?
+        {
+            Some(v) => History::decode(&v)
+                .map_err(|e| EngineError::Corrupt(format!("metadata history: {e}")))?,
+            None => {
+                // A database from before epoch histories: its epoch began at the start.
+                let h = History::from_pairs(&[(epoch, 0)])
+                    .map_err(|e| EngineError::Corrupt(format!("epoch {epoch}: {e}")))?;
+                db.insert(META_HISTORY, h.encode())
+                    .map_err(|e| sled_err("write history", e))?;
+                h
+            }
+        };
+        let epoch = history.current().max(epoch);
+        let resyncing = db
+            .contains_key(META_RESYNC)
+            .map_err(|e| sled_err("read resync flag", e))?;
+
         let meta_last = match db
             .get(META_LAST_LSN)
             .map_err(|e| sled_err("read last_lsn", e))?
@@ -574,6 +629,9 @@ impl Engine {
             first_log_lsn: AtomicU64::new(first_log_lsn),
             records: AtomicU64::new(records),
             metrics: EngineMetrics::new(),
+            history: Mutex::new(history),
+            resyncing: AtomicBool::new(resyncing),
+            durable_tx: watch::channel(last_lsn).0,
         });
 
         let mut writer = Writer {
@@ -745,6 +803,131 @@ impl Engine {
         self.shared.epoch.load(Ordering::Acquire)
     }
 
+    /// The epoch history: which epoch began after which LSN. Shipped to replicas so they
+    /// can tell a diverged tail from a shared one.
+    pub fn history(&self) -> History {
+        match self.shared.history.lock() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// True while a snapshot install is incomplete: the records are partial and this node
+    /// must not serve reads as if it were at any LSN, nor be promoted.
+    pub fn resyncing(&self) -> bool {
+        self.shared.resyncing.load(Ordering::Acquire)
+    }
+
+    /// A receiver of the newest durable LSN, so log shippers and read-your-writes waits
+    /// wake on new entries instead of polling.
+    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
+        self.shared.durable_tx.subscribe()
+    }
+
+    async fn repl(&self, op: ReplOp) -> Result<u64, EngineError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::Closed);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Repl(op, reply))
+            .map_err(|_| EngineError::Closed)?;
+        answer.await.map_err(|_| EngineError::Closed)?
+    }
+
+    /// Applies entries shipped from the primary, in order, atomically and durably (one
+    /// sled batch, one fsync, through the writer thread so it never races client
+    /// writes). Refuses the whole call, applying nothing, when an entry is not the next
+    /// LSN or carries another epoch than the history gives it. Returns the applied LSN.
+    pub async fn apply_replicated(&self, entries: Vec<LogEntry>) -> Result<u64, EngineError> {
+        self.repl(ReplOp::Apply(entries)).await
+    }
+
+    /// Adopts the primary's epoch history (durably) when a replica resumes streaming.
+    pub async fn adopt_history(&self, history: History) -> Result<u64, EngineError> {
+        self.repl(ReplOp::Adopt(history)).await
+    }
+
+    /// Begins a snapshot install tagged `tag_lsn`: durably flags it, adopts `history`,
+    /// removes every record and log entry, and expects the log to continue at
+    /// `tag_lsn + 1`. Until [`Engine::snapshot_end`] the node holds partial data.
+    pub async fn snapshot_begin(&self, history: History, tag_lsn: u64) -> Result<u64, EngineError> {
+        self.repl(ReplOp::SnapshotBegin(history, tag_lsn)).await
+    }
+
+    /// Stores one chunk of snapshot records (`collection/id`, record).
+    pub async fn snapshot_chunk(&self, records: Vec<(String, Record)>) -> Result<u64, EngineError> {
+        self.repl(ReplOp::SnapshotChunk(records)).await
+    }
+
+    /// Ends a snapshot install; returns the applied LSN.
+    pub async fn snapshot_end(&self) -> Result<u64, EngineError> {
+        self.repl(ReplOp::SnapshotEnd).await
+    }
+
+    /// Starts a new epoch after the last applied LSN and stores it durably in the
+    /// history: what promoting a replica does. Returns the new epoch.
+    pub async fn promote(&self) -> Result<u64, EngineError> {
+        self.repl(ReplOp::Promote).await
+    }
+
+    /// Up to `max_bytes` (at least one record) of records after `after` (a raw record key
+    /// from a previous page; `None` to start), and the cursor for the next page. Each page
+    /// is a short sled range read, so a snapshot being sent holds nothing open between
+    /// pages: it never blocks writes or log truncation.
+    pub fn snapshot_page(
+        &self,
+        after: Option<&[u8]>,
+        max_bytes: usize,
+    ) -> Result<SnapshotPage, EngineError> {
+        let start = match after {
+            Some(k) => Bound::Excluded(k.to_vec()),
+            None => Bound::Included(vec![RECORD_PREFIX]),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for kv in self
+            .shared
+            .db
+            .range::<Vec<u8>, _>((start, Bound::Excluded(vec![RECORD_PREFIX + 1])))
+        {
+            let (k, v) = kv.map_err(|e| sled_err("read snapshot", e))?;
+            let key = std::str::from_utf8(&k[1..])
+                .map_err(|_| EngineError::Corrupt("record key not UTF-8".into()))?
+                .to_owned();
+            bytes += k.len() + v.len();
+            let record = decode_record(v, &format!("record {key}"))?;
+            out.push((key, record));
+            if bytes >= max_bytes {
+                return Ok((out, Some(k.to_vec())));
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// SHA-256 over every record (key and stored bytes, in key order) and the record
+    /// count: two nodes at the same LSN hold identical data exactly when these match.
+    /// Reads everything: for tests and operators, not for hot paths.
+    pub fn content_hash(&self) -> Result<(u64, String), EngineError> {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut n = 0u64;
+        for kv in self.shared.db.scan_prefix([RECORD_PREFIX]) {
+            let (k, v) = kv.map_err(|e| sled_err("hash records", e))?;
+            ctx.update(&(k.len() as u64).to_le_bytes());
+            ctx.update(&k);
+            ctx.update(&(v.len() as u64).to_le_bytes());
+            ctx.update(&v);
+            n += 1;
+        }
+        let hex = ctx
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        Ok((n, hex))
+    }
+
     /// The engine's metrics; register clones of its fields with a Prometheus registry.
     pub fn metrics(&self) -> &EngineMetrics {
         &self.shared.metrics
@@ -833,18 +1016,35 @@ impl Writer {
         let Some(rx) = self.rx.take() else {
             return Err(EngineError::Io("writer started without a channel".into()));
         };
+        // A replication message met while gathering a group waits here until the group
+        // is committed, so everything is applied in the order it was sent.
+        let mut deferred: Option<Msg> = None;
         loop {
             let mut group = Vec::new();
-            let mut stop = match rx.recv() {
+            let first = match deferred.take() {
+                Some(m) => Ok(m),
+                None => rx.recv(),
+            };
+            let mut stop = match first {
                 Ok(Msg::Write(req)) => {
                     group.push(req);
                     false
+                }
+                Ok(Msg::Repl(op, reply)) => {
+                    let result = self.replicate(op);
+                    let _ = reply.send(result);
+                    self.truncate_log();
+                    continue;
                 }
                 Ok(Msg::Shutdown) | Err(_) => true,
             };
             while !stop && group.len() < self.max_group {
                 match rx.try_recv() {
                     Ok(Msg::Write(req)) => group.push(req),
+                    Ok(m @ Msg::Repl(..)) => {
+                        deferred = Some(m);
+                        break;
+                    }
                     Ok(Msg::Shutdown) => stop = true,
                     Err(_) => break,
                 }
@@ -854,12 +1054,20 @@ impl Writer {
             // moment for the rest so one flush + fsync covers them all. A lone writer
             // (last group of 1) never waits. On a busy single core this is what lets the
             // HTTP side queue the next writes instead of the writer flushing each alone.
-            if !stop && self.last_group > 1 && group.len() < self.last_group.min(self.max_group) {
+            if !stop
+                && deferred.is_none()
+                && self.last_group > 1
+                && group.len() < self.last_group.min(self.max_group)
+            {
                 let deadline = Instant::now() + COMMIT_WINDOW;
                 while group.len() < self.last_group.min(self.max_group) {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(left) {
                         Ok(Msg::Write(req)) => group.push(req),
+                        Ok(m @ Msg::Repl(..)) => {
+                            deferred = Some(m);
+                            break;
+                        }
                         Ok(Msg::Shutdown) => {
                             stop = true;
                             break;
@@ -881,6 +1089,208 @@ impl Writer {
                 };
             }
         }
+    }
+
+    /// Carries out one replication change; see [`ReplOp`] and the `Engine` methods.
+    fn replicate(&mut self, op: ReplOp) -> Result<u64, EngineError> {
+        if let Some(msg) = &self.failed {
+            return Err(EngineError::Io(msg.clone()));
+        }
+        let result = match op {
+            ReplOp::Apply(entries) => self.apply_entries(entries),
+            ReplOp::Adopt(history) => self.set_history(history),
+            ReplOp::Promote => {
+                if self.shared.resyncing.load(Ordering::Acquire) {
+                    return Err(EngineError::State(
+                        "this node's snapshot install is incomplete; it cannot be promoted".into(),
+                    ));
+                }
+                let last = self.shared.last_lsn.load(Ordering::Acquire);
+                let history = self.history().promoted(last);
+                self.set_history(history)?;
+                Ok(self.shared.epoch.load(Ordering::Acquire))
+            }
+            ReplOp::SnapshotBegin(history, tag) => self.snapshot_begin(history, tag),
+            ReplOp::SnapshotChunk(records) => self.snapshot_chunk(records),
+            ReplOp::SnapshotEnd => self.snapshot_end(),
+        };
+        if let Err(EngineError::Io(e)) = &result {
+            let msg = format!("replication write failed, engine takes no more writes: {e}");
+            tracing::error!("{msg}");
+            self.failed = Some(msg);
+        }
+        result
+    }
+
+    fn history(&self) -> History {
+        match self.shared.history.lock() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Stores a new history durably and makes its current epoch the engine's.
+    fn set_history(&mut self, history: History) -> Result<u64, EngineError> {
+        let epoch = history.current();
+        let mut batch = sled::Batch::default();
+        batch.insert(META_HISTORY, history.encode());
+        batch.insert(META_EPOCH, &epoch.to_be_bytes());
+        self.shared
+            .db
+            .apply_batch(batch)
+            .map_err(|e| sled_err("store epoch history", e))?;
+        self.make_durable()?;
+        match self.shared.history.lock() {
+            Ok(mut h) => *h = history,
+            Err(p) => *p.into_inner() = history,
+        }
+        self.shared.epoch.store(epoch, Ordering::Release);
+        Ok(epoch)
+    }
+
+    /// Applies replicated entries in order as one atomic, durable sled batch. Every
+    /// entry is checked first (next LSN, epoch the history gives it); on any refusal
+    /// nothing is applied.
+    fn apply_entries(&mut self, entries: Vec<LogEntry>) -> Result<u64, EngineError> {
+        let mut follower = Follower {
+            applied: self.shared.last_lsn.load(Ordering::Acquire),
+            history: self.history(),
+        };
+        for e in &entries {
+            follower.check(e.epoch, e.lsn)?;
+            follower.applied(e.lsn);
+        }
+        let Some(last) = entries.last().map(|e| e.lsn) else {
+            return Ok(follower.applied);
+        };
+        let db = &self.shared.db;
+        let mut batch = sled::Batch::default();
+        let mut exists: HashMap<Vec<u8>, bool> = HashMap::new();
+        let mut delta = 0i64;
+        let mut writes = 0u64;
+        for e in &entries {
+            for w in &e.writes {
+                let mut rk = Vec::with_capacity(1 + w.key.len());
+                rk.push(RECORD_PREFIX);
+                rk.extend_from_slice(w.key.as_bytes());
+                let existed = match exists.get(&rk) {
+                    Some(x) => *x,
+                    None => db
+                        .contains_key(&rk)
+                        .map_err(|err| sled_err("apply replicated entry", err))?,
+                };
+                match &w.value {
+                    Some(r) => {
+                        batch.insert(rk.as_slice(), encode_record(r));
+                        delta += i64::from(!existed);
+                    }
+                    None => {
+                        batch.remove(rk.as_slice());
+                        delta -= i64::from(existed);
+                    }
+                }
+                exists.insert(rk, w.value.is_some());
+                writes += 1;
+            }
+            batch.insert(&log_key(e.lsn), e.encode());
+            self.last_ts = self.last_ts.max(e.timestamp_ms);
+        }
+        batch.insert(META_LAST_LSN, &last.to_be_bytes());
+        db.apply_batch(batch)
+            .map_err(|e| sled_err(&format!("apply replicated entries up to {last}"), e))?;
+        self.shared.last_lsn.store(last, Ordering::Release);
+        self.count_records(delta);
+        self.make_durable()?;
+        self.publish_durable(last);
+        let m = &self.shared.metrics;
+        m.groups.inc();
+        m.batches.inc_by(entries.len() as u64);
+        m.writes.inc_by(writes);
+        Ok(last)
+    }
+
+    fn publish_durable(&self, lsn: u64) {
+        self.shared.durable_lsn.store(lsn, Ordering::Release);
+        self.shared.durable_tx.send_replace(lsn);
+    }
+
+    /// Starts a snapshot install tagged `tag`: flags it durably (a crash before the end
+    /// means "start over"), removes every record and log entry, adopts the primary's
+    /// history, and continues the log at `tag + 1` (entries after the tag arrive
+    /// interleaved with the snapshot's pages).
+    fn snapshot_begin(&mut self, history: History, tag: u64) -> Result<u64, EngineError> {
+        let shared = self.shared.clone();
+        let db = &shared.db;
+        db.insert(META_RESYNC, &[1u8][..])
+            .map_err(|e| sled_err("flag snapshot install", e))?;
+        self.shared.resyncing.store(true, Ordering::Release);
+        self.make_durable()?;
+        for prefix in [RECORD_PREFIX, LOG_PREFIX] {
+            loop {
+                let mut batch = sled::Batch::default();
+                let mut n = 0;
+                for k in db.scan_prefix([prefix]).keys().take(10_000) {
+                    batch.remove(k.map_err(|e| sled_err("clear for snapshot", e))?);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                db.apply_batch(batch)
+                    .map_err(|e| sled_err("clear for snapshot", e))?;
+            }
+        }
+        db.insert(META_LAST_LSN, &tag.to_be_bytes())
+            .map_err(|e| sled_err("set last_lsn to the snapshot tag", e))?;
+        self.shared.records.store(0, Ordering::Release);
+        self.shared.first_log_lsn.store(tag + 1, Ordering::Release);
+        self.shared.last_lsn.store(tag, Ordering::Release);
+        self.set_history(history)?;
+        self.publish_durable(tag);
+        Ok(tag)
+    }
+
+    /// Stores one chunk of snapshot records (made durable with the snapshot's end).
+    fn snapshot_chunk(&mut self, records: Vec<(String, Record)>) -> Result<u64, EngineError> {
+        if !self.shared.resyncing.load(Ordering::Acquire) {
+            return Err(EngineError::State(
+                "snapshot records without a snapshot begin".into(),
+            ));
+        }
+        let db = &self.shared.db;
+        let mut batch = sled::Batch::default();
+        let mut added = 0i64;
+        for (key, r) in &records {
+            let mut rk = Vec::with_capacity(1 + key.len());
+            rk.push(RECORD_PREFIX);
+            rk.extend_from_slice(key.as_bytes());
+            if !db
+                .contains_key(&rk)
+                .map_err(|e| sled_err("install snapshot", e))?
+            {
+                added += 1;
+            }
+            batch.insert(rk, encode_record(r));
+        }
+        db.apply_batch(batch)
+            .map_err(|e| sled_err("install snapshot chunk", e))?;
+        self.count_records(added);
+        Ok(0)
+    }
+
+    /// Ends a snapshot install: every page is in; the log entries applied alongside
+    /// carry it forward. Returns the applied LSN.
+    fn snapshot_end(&mut self) -> Result<u64, EngineError> {
+        if !self.shared.resyncing.load(Ordering::Acquire) {
+            return Err(EngineError::State("snapshot end without a begin".into()));
+        }
+        self.shared
+            .db
+            .remove(META_RESYNC)
+            .map_err(|e| sled_err("finish snapshot", e))?;
+        self.make_durable()?;
+        self.shared.resyncing.store(false, Ordering::Release);
+        Ok(self.shared.last_lsn.load(Ordering::Acquire))
     }
 
     /// Commits a group: each client batch is checked and staged in order (later batches
@@ -933,7 +1343,7 @@ impl Writer {
             m.group_size.observe(stage.batches as f64);
             match outcome {
                 Ok(()) => {
-                    self.shared.durable_lsn.store(last, Ordering::Release);
+                    self.publish_durable(last);
                     m.batches.inc_by(stage.batches);
                     m.writes.inc_by(stage.writes);
                 }
@@ -1119,12 +1529,38 @@ impl Writer {
     /// Removes log entries older than `last_lsn - retention`, a bounded chunk at a time.
     /// LSNs are dense, so the keys to remove are known without reading. The removal rides
     /// along with the next group's fsync; losing it in a crash only delays it.
+    /// Truncates the log outside a group (after applying replicated entries, which have
+    /// no group batch to ride on): one small batch of removals.
+    fn truncate_log(&mut self) {
+        let mut stage = Stage {
+            batch: sled::Batch::default(),
+            overlay: HashMap::new(),
+            next_lsn: self.shared.last_lsn.load(Ordering::Acquire) + 1,
+            delta: 0,
+            batches: 0,
+            writes: 0,
+        };
+        let first = self.shared.first_log_lsn.load(Ordering::Acquire);
+        let Some(end) = self.stage_truncation(&mut stage) else {
+            return;
+        };
+        // Advance first_log_lsn before removing so readers never expect a removed entry.
+        self.shared.first_log_lsn.store(end, Ordering::Release);
+        if let Err(e) = self.shared.db.apply_batch(stage.batch) {
+            tracing::warn!(error = %e, "log truncation failed; will retry");
+            self.shared.first_log_lsn.store(first, Ordering::Release);
+        }
+    }
+
     /// Adds the removal of log entries that fell out of retention to the group's batch,
     /// so truncation rides on the group's one `apply_batch` instead of paying sled's
     /// per-batch IO-buffer roll again. Returns the new first LSN to publish once applied.
     fn stage_truncation(&self, stage: &mut Stage) -> Option<u64> {
         let last = stage.next_lsn - 1;
-        let cutoff = last.checked_sub(self.retention)?;
+        // Never past what was durable before this group: an entry must exist on disk at
+        // least once, or a follower reading the log would see a gap.
+        let before_group = self.shared.last_lsn.load(Ordering::Acquire) + 1;
+        let cutoff = last.checked_sub(self.retention)?.min(before_group);
         let first = self.shared.first_log_lsn.load(Ordering::Acquire);
         if first >= cutoff {
             return None;

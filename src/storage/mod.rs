@@ -11,6 +11,7 @@
 //! | [`protocol`] | frames and messages of the storage protocol; pure, fuzzable |
 //! | [`wire`] | conversions between this vocabulary and the protocol's messages; pure |
 //! | [`conn`] | the protocol's I/O edge: frame reading with deadlines, the handshake |
+//! | [`replication`] | log shipping: the sender on a primary, the follower on a replica, the pure state machine |
 //! | [`server`] | the storage role: serves the engine to apps over TCP/TLS |
 //! | [`client`] | the app's pool of connections to a storage server |
 //! | [`store`] | [`Store`], the one handle the data API uses, and [`StoreError`] |
@@ -19,12 +20,14 @@ pub mod client;
 pub mod conn;
 pub mod engine;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod store;
 pub mod wire;
 
 use bytes::Bytes;
 
+pub use client::ReadConsistency;
 pub use engine::{Engine, EngineConfig, EngineError, EngineStatus};
 pub use store::{Store, StoreError};
 

@@ -152,6 +152,9 @@ pub enum ErrorKind {
     Internal,
     /// The request carries an older epoch than the node's.
     StaleEpoch,
+    /// A read asked for a consistency token this replica did not reach in time; the
+    /// client goes to the primary instead.
+    Behind,
 }
 
 /// A failed request.
@@ -195,6 +198,23 @@ pub enum Request {
     },
     /// The node's status.
     Status,
+    /// A read (`Get` or `List`) to be answered only once this node has applied
+    /// `min_lsn` of epoch `min_epoch` or later; waits up to `wait_ms`, then answers
+    /// [`ErrorKind::Behind`]. Read-your-writes on replicas.
+    AtLeast {
+        /// Epoch of the token.
+        min_epoch: u64,
+        /// LSN of the token.
+        min_lsn: u64,
+        /// Longest wait, milliseconds (the server caps it).
+        wait_ms: u32,
+        /// The read itself.
+        read: Box<Request>,
+    },
+    /// Replication state: role, applied LSN, lag; what read routing decides on.
+    ReplStatus,
+    /// A hash of every record, for comparing nodes (tests, operators).
+    ContentHash,
 }
 
 /// Answers to requests.
@@ -222,6 +242,37 @@ pub enum Response {
     Status(WireStatus),
     /// The request failed.
     Error(WireError),
+    /// Answer to ReplStatus.
+    ReplStatus(WireReplStatus),
+    /// Answer to ContentHash.
+    ContentHash {
+        /// Applied LSN when the hash was taken (records may be newer if writes race).
+        lsn: u64,
+        /// Number of records.
+        records: u64,
+        /// Hex SHA-256 over keys and stored records in key order.
+        hash: String,
+    },
+}
+
+/// A node's replication state on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct WireReplStatus {
+    /// "primary", "replica" or "fenced".
+    pub role: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Newest applied (durable) LSN.
+    pub applied_lsn: u64,
+    /// Newest LSN the primary reported (a primary: its own).
+    pub primary_lsn: u64,
+    /// How far behind, in milliseconds: time since it last held everything it knew the
+    /// primary had (0 when caught up; grows while disconnected).
+    pub lag_ms: u64,
+    /// Whether it can serve reads as of `applied_lsn` (no snapshot install under way).
+    pub ready: bool,
+    /// The primary it follows (a replica) — where writes belong.
+    pub primary: Option<String>,
 }
 
 /// Every message either side may send. New variants go at the end so older peers fail
@@ -280,6 +331,60 @@ pub enum Message {
         id: u64,
         /// The answer.
         body: Response,
+    },
+    /// Replica → primary, first message after Welcome on a `Purpose::Replica` link:
+    /// where the replica stands, so the primary can resume, snapshot or refuse.
+    Subscribe {
+        /// The replica's node name, for the primary's status page.
+        node: String,
+        /// The replica's epoch history, `(epoch, after_lsn)` pairs.
+        history: Vec<(u64, u64)>,
+        /// Newest LSN it applied durably.
+        applied_lsn: u64,
+        /// True when its last snapshot install did not finish.
+        needs_snapshot: bool,
+    },
+    /// Primary → replica: the log follows from `from_lsn`; adopt this history.
+    StreamStart {
+        /// The primary's epoch history.
+        history: Vec<(u64, u64)>,
+        /// First LSN that will be sent.
+        from_lsn: u64,
+    },
+    /// Primary → replica: log entries, consecutive, each as `LogEntry::encode` (checksummed).
+    Entries {
+        /// The primary's newest durable LSN when sent (for lag).
+        primary_lsn: u64,
+        /// The encoded entries, oldest first.
+        entries: Vec<Vec<u8>>,
+    },
+    /// Primary → replica: a snapshot follows; drop everything, adopt this history.
+    SnapshotBegin {
+        /// The primary's epoch history.
+        history: Vec<(u64, u64)>,
+        /// Durable LSN before the first record was read: the log resumes after it.
+        tag_lsn: u64,
+    },
+    /// Primary → replica: a page of records (`collection/id`, record).
+    SnapshotChunk {
+        /// The records.
+        records: Vec<(String, WireRecord)>,
+    },
+    /// Primary → replica: the snapshot is complete.
+    SnapshotEnd {
+        /// Durable LSN after the last record was read: the replica is consistent once it
+        /// has applied up to here.
+        end_lsn: u64,
+    },
+    /// Replica → primary: everything up to `applied_lsn` is durable here.
+    Ack {
+        /// Newest LSN applied durably.
+        applied_lsn: u64,
+    },
+    /// Primary → replica when idle: still here, and at this LSN.
+    Heartbeat {
+        /// The primary's newest durable LSN.
+        primary_lsn: u64,
     },
 }
 

@@ -23,6 +23,7 @@ use super::conn::{self, BoxStream, ConnError, FrameReader};
 use super::protocol::{
     self, ErrorKind, Message, ProtocolError, Purpose, Request, Response, WireError, WireStatus,
 };
+use super::replication::Replication;
 use super::store::StoreError;
 use super::{wire, Engine, Key, ListQuery};
 use crate::config::StorageConfig;
@@ -32,6 +33,8 @@ use crate::metrics::Metrics;
 
 /// Most items one listing request may ask for, whatever the client says.
 pub const MAX_LIST_LIMIT: usize = 10_000;
+/// Longest a read with a consistency token waits for this node to reach it.
+pub const MAX_TOKEN_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the storage server could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,9 @@ pub enum ServerError {
     /// The TLS material is unusable.
     #[error("storage.tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// Replication could not be set up.
+    #[error(transparent)]
+    Replication(#[from] super::replication::ReplicationError),
 }
 
 /// Limits of one connection, from the config.
@@ -54,6 +60,7 @@ struct Limits {
 /// The storage server: the engine, the secret peers must prove, and the limits.
 pub struct StorageServer {
     engine: Arc<Engine>,
+    repl: Arc<Replication>,
     secret: Arc<[u8]>,
     node: String,
     limits: Limits,
@@ -78,7 +85,9 @@ impl StorageServer {
             )?)),
             None => None,
         };
+        let repl = Replication::new(config, engine.clone(), secret, node)?;
         Ok(Arc::new(StorageServer {
+            repl,
             engine,
             secret: Arc::from(secret),
             node: node.to_owned(),
@@ -95,8 +104,14 @@ impl StorageServer {
         }))
     }
 
+    /// The node's replication state (role, replicas, link to the primary).
+    pub fn replication(&self) -> &Arc<Replication> {
+        &self.repl
+    }
+
     /// Registers the server's metrics: open connections and rejected peers.
     pub fn register_metrics(self: &Arc<Self>, metrics: &Metrics) {
+        self.repl.register_metrics(metrics);
         let me = self.clone();
         metrics.gauge_fn(
             "storage_connections",
@@ -198,27 +213,25 @@ impl StorageServer {
             };
             let mut fr = FrameReader::new(stream, self.limits.max_frame, self.limits.frame_timeout);
             let accepted = conn::server_handshake(&mut fr, &self.secret).await?;
-            if accepted.purpose == Purpose::Replica {
-                conn::refuse(fr.get_mut(), "this node does not serve replicas yet").await;
-                return Err(ConnError::from(ProtocolError::Unexpected(
-                    "replica connection (replication is not built yet)",
-                )));
-            }
             let welcome = Message::Welcome {
                 node: self.node.clone(),
                 epoch: self.engine.status().epoch,
-                role: "primary".into(),
+                role: self.repl.role().name().into(),
             };
             conn::write_message(fr.get_mut(), &welcome).await?;
-            Ok::<_, ConnError>(fr)
+            Ok::<_, ConnError>((fr, accepted.purpose))
         };
-        let fr = tokio::select! {
+        let (fr, purpose) = tokio::select! {
             r = tokio::time::timeout(self.limits.handshake_timeout, setup) => match r {
                 Ok(r) => r?,
                 Err(_) => return Err(ConnError::Timeout("the handshake")),
             },
             _ = wait_for(&mut shutdown) => return Ok(()),
         };
+        if purpose == Purpose::Replica {
+            tracing::debug!(%peer, "replica authenticated");
+            return self.repl.clone().serve_replica(fr, peer, shutdown).await;
+        }
         tracing::debug!(%peer, "storage client authenticated");
         self.serve(fr, shutdown).await
     }
@@ -320,7 +333,49 @@ impl StorageServer {
 
     async fn answer_inner(&self, request: Request) -> Result<Response, StoreError> {
         let invalid = |m: String| StoreError::InvalidBatch(m);
+        let reading = matches!(request, Request::Get { .. } | Request::List { .. });
+        if reading && self.engine.resyncing() {
+            return Err(StoreError::Unavailable(
+                "this replica is installing a snapshot; read from another node".into(),
+            ));
+        }
         match request {
+            Request::AtLeast {
+                min_epoch,
+                min_lsn,
+                wait_ms,
+                read,
+            } => {
+                if !matches!(*read, Request::Get { .. } | Request::List { .. }) {
+                    return Err(invalid("AtLeast wraps only Get or List".into()));
+                }
+                let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_TOKEN_WAIT);
+                let mut rx = self.engine.subscribe_durable();
+                let reached = |d: &u64| {
+                    *d >= min_lsn && self.engine.epoch() >= min_epoch && !self.engine.resyncing()
+                };
+                let now = reached(&rx.borrow_and_update());
+                let ok = now
+                    || tokio::time::timeout(wait, rx.wait_for(reached))
+                        .await
+                        .map(|r| r.is_ok())
+                        .unwrap_or(false);
+                if !ok {
+                    return Err(StoreError::Behind(format!(
+                        "{} is at ({}, {}), the read needs ({min_epoch}, {min_lsn})",
+                        self.node,
+                        self.engine.epoch(),
+                        self.engine.status().durable_lsn
+                    )));
+                }
+                Box::pin(self.answer_inner(*read)).await
+            }
+            Request::ReplStatus => Ok(Response::ReplStatus(self.repl.wire_status())),
+            Request::ContentHash => {
+                let lsn = self.engine.status().durable_lsn;
+                let (records, hash) = self.engine.content_hash()?;
+                Ok(Response::ContentHash { lsn, records, hash })
+            }
             Request::Get { key } => {
                 let key = Key::parse(&key).map_err(|e| invalid(format!("key {key:?}: {e}")))?;
                 let record = self.engine.get(&key)?;
@@ -349,6 +404,9 @@ impl StorageServer {
                 })
             }
             Request::Write { writes } => {
+                if let Some(refusal) = self.repl.refuse_write() {
+                    return Err(refusal);
+                }
                 let writes = writes
                     .into_iter()
                     .enumerate()
@@ -357,6 +415,7 @@ impl StorageServer {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let committed = self.engine.write(writes).await?;
+                self.repl.wait_replicated(committed.lsn).await?;
                 Ok(Response::Committed {
                     lsn: committed.lsn,
                     epoch: committed.epoch,
@@ -367,7 +426,7 @@ impl StorageServer {
                 let s = self.engine.status();
                 Ok(Response::Status(WireStatus {
                     node: self.node.clone(),
-                    role: "primary".into(),
+                    role: self.repl.role().name().into(),
                     epoch: s.epoch,
                     last_lsn: s.last_lsn,
                     durable_lsn: s.durable_lsn,
@@ -410,13 +469,14 @@ impl Component for StorageServer {
     }
 
     fn ready(&self) -> Result<(), String> {
-        Ok(())
+        self.repl.ready()
     }
 
     fn status(&self) -> serde_json::Value {
         let s = self.engine.status();
         serde_json::json!({
-            "mode": "primary",
+            "mode": self.repl.role().name(),
+            "replication": self.repl.status(),
             "tls": self.tls.is_some(),
             "connections": self.open.load(Ordering::Relaxed),
             "rejected_connections": self.rejected.get(),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::client::RemoteStore;
+use super::client::{ReadConsistency, RemoteStore};
 use super::{Committed, Engine, EngineError, Key, ListPage, ListQuery, Record, Write};
 
 /// Storage as the app sees it. An enum rather than a trait object: the set of backends is
@@ -47,6 +47,10 @@ pub enum StoreError {
     /// Storage failed in a way the client cannot fix (I/O, corruption, a protocol bug).
     #[error("storage failure: {0}")]
     Internal(String),
+    /// A replica had not reached a read's consistency token in time; the client reads
+    /// from the primary instead (never shown to HTTP clients).
+    #[error("replica behind the consistency token: {0}")]
+    Behind(String),
 }
 
 impl From<EngineError> for StoreError {
@@ -74,6 +78,32 @@ impl Store {
         match self {
             Store::Embedded(e) => Ok(e.get(key)?),
             Store::Remote(r) => r.get(key).await,
+        }
+    }
+
+    /// Reads one record for a GET: replicas may serve it, as `consistency` allows.
+    /// (`get` always reads the primary: read-modify-write paths need the newest state.)
+    pub async fn read(
+        &self,
+        key: &Key,
+        consistency: ReadConsistency,
+    ) -> Result<Option<Record>, StoreError> {
+        match self {
+            Store::Embedded(e) => Ok(e.get(key)?),
+            Store::Remote(r) => r.read(key, consistency).await,
+        }
+    }
+
+    /// Lists a collection, from a replica when `consistency` allows.
+    pub async fn list_with(
+        &self,
+        collection: &str,
+        query: &ListQuery,
+        consistency: ReadConsistency,
+    ) -> Result<ListPage, StoreError> {
+        match self {
+            Store::Embedded(e) => Ok(e.list(collection, query)?),
+            Store::Remote(r) => r.list_with(collection, query, consistency).await,
         }
     }
 

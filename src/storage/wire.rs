@@ -142,6 +142,10 @@ pub fn error_to_wire(e: &StoreError) -> WireError {
             message: m.clone(),
             ..plain(ErrorKind::Internal)
         },
+        StoreError::Behind(m) => WireError {
+            message: m.clone(),
+            ..plain(ErrorKind::Behind)
+        },
     }
 }
 
@@ -162,6 +166,7 @@ pub fn error_from_wire(e: WireError) -> StoreError {
         ErrorKind::InvalidBatch | ErrorKind::InvalidKey => StoreError::InvalidBatch(e.message),
         ErrorKind::ReadOnly => StoreError::ReadOnly(e.message),
         ErrorKind::Unavailable => StoreError::Unavailable(e.message),
+        ErrorKind::Behind => StoreError::Behind(e.message),
         ErrorKind::Internal | ErrorKind::StaleEpoch => StoreError::Internal(e.message),
     }
 }

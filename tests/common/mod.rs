@@ -227,4 +227,5 @@ pub fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
 pub fn raw_status(response: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
 }
+pub mod fault_proxy;
 pub mod suite;
