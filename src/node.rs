@@ -249,6 +249,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                     "app",
                     listener,
                     &limits,
+                    None,
                     move |peer| {
                         let app = served.clone();
                         hyper::service::service_fn(move |req| app.clone().handle(req, peer))
@@ -290,12 +291,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             let stop = stop_rx.clone();
             let make = move |peer| served.service(peer, proto);
             tasks.spawn(async move {
-                match tls {
-                    Some(tls) => {
-                        crate::balancer::tls::serve(listener, &limits, tls, make, stop, grace).await
-                    }
-                    None => server::serve("balancer", listener, &limits, make, stop, grace).await,
-                }
+                server::serve("balancer", listener, &limits, tls, make, stop, grace).await
             });
             Some(balancer)
         }
@@ -321,6 +317,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                     "edge",
                     listener,
                     &limits,
+                    None,
                     move |peer| {
                         let edge = served.clone();
                         hyper::service::service_fn(move |req| edge.clone().handle(req, peer))
@@ -364,6 +361,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             "admin",
             admin_listener,
             &config::HttpLimits::default(),
+            None,
             move |_| {
                 let admin = served.clone();
                 hyper::service::service_fn(move |req| admin.clone().handle(req))

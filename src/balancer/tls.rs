@@ -5,29 +5,15 @@
 //! to the next handshake without touching open connections.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::config::balancer::TlsConfig;
-use crate::config::HttpLimits;
-use crate::http::body::Body;
-use crate::http::server::{wait_for, Shutdown};
 
 /// Why certificates could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -102,97 +88,5 @@ impl ResolvesServerCert for SniResolver {
             .server_name()
             .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()));
         Some(named.unwrap_or(&self.default).clone())
-    }
-}
-
-/// Like [`crate::http::server::serve`] with a TLS handshake first: accepts until
-/// `shutdown`, limits connections, bounds the handshake by the header read timeout, then
-/// drains in-flight requests for up to `grace`. Returns the connections left at the end.
-pub async fn serve<F, S>(
-    listener: TcpListener,
-    limits: &HttpLimits,
-    tls: Arc<ArcSwap<rustls::ServerConfig>>,
-    make_service: F,
-    mut shutdown: Shutdown,
-    grace: Duration,
-) -> usize
-where
-    F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.get())
-        .max_buf_size(limits.max_header_bytes.as_usize().max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes.bytes()).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
-    let handshake_timeout = limits.header_read_timeout.get();
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = wait_for(&mut shutdown) => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(listener = "balancer", error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = wait_for(&mut shutdown) => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
-        let service = make_service(peer);
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls_stream =
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let open = graceful.count();
-    if open > 0 {
-        tracing::info!(listener = "balancer", open, "draining connections");
-    }
-    tokio::select! {
-        _ = graceful.shutdown() => 0,
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(listener = "balancer", "drain deadline passed; closing remaining connections");
-            open.max(1)
-        }
     }
 }

@@ -29,13 +29,19 @@ pub async fn wait_for(shutdown: &mut Shutdown) {
     }
 }
 
+/// TLS for a listener: the server config behind an `ArcSwap`, so certificates reload
+/// without a restart and every new connection takes the current one.
+pub type Tls = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
+
 /// Accepts connections until `shutdown`, serving each with a service made per connection
-/// from the peer address; then waits up to `grace` for in-flight requests to finish.
-/// Returns how many connections were still open when the grace period ran out.
+/// from the peer address — after a TLS handshake (bounded by the header read timeout) when
+/// `tls` is set; then waits up to `grace` for in-flight requests to finish. Returns how
+/// many connections were still open when the grace period ran out.
 pub async fn serve<F, S>(
     name: &'static str,
     listener: TcpListener,
     limits: &HttpLimits,
+    tls: Option<Tls>,
     make_service: F,
     mut shutdown: Shutdown,
     grace: Duration,
@@ -60,6 +66,7 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes.bytes()).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
+    let handshake_timeout = limits.header_read_timeout.get();
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -83,12 +90,41 @@ where
             _ = wait_for(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), make_service(peer))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service = make_service(peer);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.load_full()));
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result =
+                match acceptor {
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let tls_stream =
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -102,9 +138,8 @@ where
     tokio::select! {
         _ = graceful.shutdown() => 0,
         _ = tokio::time::sleep(grace) => {
-            let left = open.max(1);
             tracing::warn!(listener = name, "drain deadline passed; closing remaining connections");
-            left
+            open.max(1)
         }
     }
 }

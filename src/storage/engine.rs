@@ -1008,6 +1008,20 @@ struct Stage {
     writes: u64,
 }
 
+impl Stage {
+    /// An empty group that continues after `last_lsn`.
+    fn after(last_lsn: u64) -> Self {
+        Stage {
+            batch: sled::Batch::default(),
+            overlay: HashMap::new(),
+            next_lsn: last_lsn + 1,
+            delta: 0,
+            batches: 0,
+            writes: 0,
+        }
+    }
+}
+
 /// Longest the writer holds a group open waiting for more writers (see [`Writer::run`]).
 const COMMIT_WINDOW: Duration = Duration::from_micros(400);
 
@@ -1303,14 +1317,7 @@ impl Writer {
     /// thread pool each time, which cost ~100 µs of CPU per client batch. A group is
     /// all-or-nothing on disk, which is stronger than each batch being atomic.
     fn commit_group(&mut self, group: Vec<Request>) {
-        let mut stage = Stage {
-            batch: sled::Batch::default(),
-            overlay: HashMap::new(),
-            next_lsn: self.shared.last_lsn.load(Ordering::Acquire) + 1,
-            delta: 0,
-            batches: 0,
-            writes: 0,
-        };
+        let mut stage = Stage::after(self.shared.last_lsn.load(Ordering::Acquire));
         let mut answers = Vec::with_capacity(group.len());
         for req in group {
             let result = match &self.failed {
@@ -1532,14 +1539,7 @@ impl Writer {
     /// Truncates the log outside a group (after applying replicated entries, which have
     /// no group batch to ride on): one small batch of removals.
     fn truncate_log(&mut self) {
-        let mut stage = Stage {
-            batch: sled::Batch::default(),
-            overlay: HashMap::new(),
-            next_lsn: self.shared.last_lsn.load(Ordering::Acquire) + 1,
-            delta: 0,
-            batches: 0,
-            writes: 0,
-        };
+        let mut stage = Stage::after(self.shared.last_lsn.load(Ordering::Acquire));
         let first = self.shared.first_log_lsn.load(Ordering::Acquire);
         let Some(end) = self.stage_truncation(&mut stage) else {
             return;
