@@ -141,10 +141,7 @@ impl Admin {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "config": {
                 "version": config::version(&cfg),
-                "source": match self.live.source() {
-                    config::Source::File(p) => p.display().to_string(),
-                    config::Source::Default => "<built-in default>".to_owned(),
-                },
+                "source": self.live.source().describe(),
                 "last_reload": self.last_reload.lock().ok().and_then(|l| l.clone()),
             },
             "components": roles,

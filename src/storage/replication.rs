@@ -184,6 +184,26 @@ struct ReplMetrics {
     replica_lag_ms: Family<ReplicaLabels, Gauge>,
 }
 
+/// The replication settings that change on reload.
+#[derive(Debug)]
+struct LiveSettings {
+    sync_replicas: usize,
+    sync_timeout: Duration,
+    sync_policy: SyncPolicy,
+    max_lag: Duration,
+}
+
+impl LiveSettings {
+    fn from_config(config: &StorageConfig) -> Self {
+        LiveSettings {
+            sync_replicas: config.sync_replicas,
+            sync_timeout: config.sync_timeout.get(),
+            sync_policy: config.sync_policy,
+            max_lag: config.max_lag.get(),
+        }
+    }
+}
+
 /// Replication state of one storage node: its role, the replicas it ships to (as a
 /// primary), its link to the primary (as a replica).
 pub struct Replication {
@@ -194,10 +214,8 @@ pub struct Replication {
     role_tx: watch::Sender<u64>,
     follow: Option<String>,
     follow_tls: Option<(TlsConnector, ServerName<'static>)>,
-    sync_replicas: usize,
-    sync_timeout: Duration,
-    sync_policy: SyncPolicy,
-    max_lag: Duration,
+    /// `sync_replicas`, `sync_timeout`, `sync_policy`, `max_lag`: swapped whole on reload.
+    live: arc_swap::ArcSwap<LiveSettings>,
     frame_timeout: Duration,
     max_frame: usize,
     peers: Mutex<HashMap<u64, Peer>>,
@@ -245,10 +263,7 @@ impl Replication {
             role_tx: watch::channel(0).0,
             follow: config.follow.clone(),
             follow_tls,
-            sync_replicas: config.sync_replicas,
-            sync_timeout: config.sync_timeout.get(),
-            sync_policy: config.sync_policy,
-            max_lag: config.max_lag.get(),
+            live: arc_swap::ArcSwap::from_pointee(LiveSettings::from_config(config)),
             frame_timeout: config.frame_timeout.get(),
             max_frame: config.max_frame.as_usize().min(protocol::MAX_FRAME_CEILING),
             peers: Mutex::new(HashMap::new()),
@@ -286,6 +301,13 @@ impl Replication {
         }
     }
 
+    /// Applies a reloaded `[storage]` section's live settings (`sync_replicas`,
+    /// `sync_timeout`, `sync_policy`, `max_lag`); writes already waiting keep the settings
+    /// they started with.
+    pub fn apply(&self, config: &StorageConfig) {
+        self.live.store(Arc::new(LiveSettings::from_config(config)));
+    }
+
     /// The current role.
     pub fn role(&self) -> Role {
         match self.role.lock() {
@@ -321,11 +343,12 @@ impl Replication {
     /// Waits until `sync_replicas` replicas hold `lsn` durably, for at most
     /// `sync_timeout`; then applies `sync_policy`. Immediate with `sync_replicas = 0`.
     pub async fn wait_replicated(&self, lsn: u64) -> Result<(), StoreError> {
-        let want = self.sync_replicas;
+        let live = self.live.load_full();
+        let want = live.sync_replicas;
         if want == 0 {
             return Ok(());
         }
-        let deadline = tokio::time::Instant::now() + self.sync_timeout;
+        let deadline = tokio::time::Instant::now() + live.sync_timeout;
         let mut rx = self.acks.subscribe();
         loop {
             rx.borrow_and_update();
@@ -341,7 +364,7 @@ impl Replication {
         if have >= want {
             return Ok(());
         }
-        match self.sync_policy {
+        match live.sync_policy {
             SyncPolicy::Fail => {
                 self.metrics.sync_failed.inc();
                 tracing::warn!(
@@ -353,7 +376,7 @@ impl Replication {
                 Err(StoreError::OutcomeUnknown(format!(
                     "the write is durable on the primary at LSN {lsn} but only {have} of {want} \
                      replicas confirmed it within {:?} (sync_policy = \"fail\")",
-                    self.sync_timeout
+                    live.sync_timeout
                 )))
             }
             SyncPolicy::Degrade => {
@@ -459,7 +482,7 @@ impl Replication {
 
     fn replica_ready(&self, applied: u64, lag: Duration) -> bool {
         let after = self.link.lock().map(|l| l.ready_after).unwrap_or(0);
-        !self.engine.resyncing() && applied >= after && lag <= self.max_lag
+        !self.engine.resyncing() && applied >= after && lag <= self.live.load().max_lag
     }
 
     /// `Ok` when this node can serve; a replica must have finished any snapshot and be
@@ -481,7 +504,7 @@ impl Replication {
                 } else {
                     Err(format!(
                         "replica behind: applied LSN {applied}, lag {lag:?} (max_lag {:?})",
-                        self.max_lag
+                        self.live.load().max_lag
                     ))
                 }
             }
@@ -530,8 +553,10 @@ impl Replication {
                 "ready_after_lsn": l.ready_after,
             })),
             "replicas": replicas,
-            "sync_replicas": self.sync_replicas,
-            "sync_policy": match self.sync_policy { SyncPolicy::Fail => "fail", SyncPolicy::Degrade => "degrade" },
+            "sync_replicas": self.live.load().sync_replicas,
+            "sync_timeout_ms": self.live.load().sync_timeout.as_millis() as u64,
+            "max_lag_ms": self.live.load().max_lag.as_millis() as u64,
+            "sync_policy": match self.live.load().sync_policy { SyncPolicy::Fail => "fail", SyncPolicy::Degrade => "degrade" },
             "sync_degraded": self.metrics.sync_degraded.get(),
             "resyncing": self.engine.resyncing(),
         })
