@@ -163,14 +163,10 @@ pub fn targets(
     token: Option<String>,
 ) -> Result<Vec<Target>, FleetError> {
     let path = Path::new(spec);
-    let configs: Vec<(String, Config)> = if path.is_dir() {
-        members(path, overrides, false)?
-            .into_iter()
-            .map(|m| (m.label, m.config))
-            .collect()
+    let files = if path.is_dir() {
+        configs_in(path)?
     } else if path.is_file() {
-        let c = parse_only(path, overrides)?;
-        vec![(c.node.name.clone(), c)]
+        vec![path.to_path_buf()]
     } else {
         return Ok(vec![Target {
             label: spec.to_owned(),
@@ -178,14 +174,47 @@ pub fn targets(
             token,
         }]);
     };
-    Ok(configs
-        .into_iter()
-        .map(|(label, c)| Target {
-            label,
-            admin: c.node.admin.to_string(),
-            token: token.clone().or_else(|| admin_token(&c)),
-        })
-        .collect())
+    let mut out = Vec::new();
+    for file in files {
+        match parse_only(&file, overrides) {
+            Ok(c) => out.push(Target {
+                label: c.node.name.clone(),
+                admin: c.node.admin.to_string(),
+                token: token.clone().or_else(|| admin_token(&c)),
+            }),
+            // A file being edited may not fit the model (that is what a reload will
+            // report): its node still runs, so find its admin address leniently.
+            Err(e) => match lenient_admin(&file, overrides) {
+                Some((label, admin)) => out.push(Target {
+                    label,
+                    admin,
+                    token: token.clone(),
+                }),
+                None => return Err(e),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// `node.name` and `node.admin` (shifted) of a file that parses as TOML but not as a
+/// config.
+fn lenient_admin(file: &Path, overrides: &Overrides) -> Option<(String, String)> {
+    let v: toml::Value = std::fs::read_to_string(file).ok()?.parse().ok()?;
+    let node = v.get("node");
+    let default = config::NodeConfig::default();
+    let mut admin: std::net::SocketAddr = match node.and_then(|n| n.get("admin")) {
+        Some(a) => a.as_str()?.parse().ok()?,
+        None => default.admin,
+    };
+    if admin.port() != 0 {
+        admin.set_port(admin.port().checked_add(overrides.port_offset)?);
+    }
+    let name = node
+        .and_then(|n| n.get("name"))
+        .and_then(|n| n.as_str())
+        .map_or(default.name, str::to_owned);
+    Some((name, admin.to_string()))
 }
 
 /// `strata status`: the table, and whether every node answered ready.

@@ -139,6 +139,7 @@ impl Admin {
             "ready": not_ready.is_empty(),
             "not_ready": not_ready,
             "uptime_seconds": self.started.elapsed().as_secs(),
+            "pid": std::process::id(),
             "config": {
                 "version": config::version(&cfg),
                 "source": self.live.source().describe(),
