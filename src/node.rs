@@ -79,6 +79,8 @@ struct Running {
     app: Option<Arc<App>>,
     balancer: Option<Arc<Balancer>>,
     edge: Option<Arc<crate::edge::Edge>>,
+    /// The edge listener's certificates, swapped on reload.
+    edge_tls: Option<server::Tls>,
 }
 
 impl Running {
@@ -116,6 +118,16 @@ impl Running {
             },
             _ => None,
         };
+        let edge_tls = match (
+            &self.edge_tls,
+            new.edge.as_ref().and_then(|e| e.tls.as_ref()),
+        ) {
+            (Some(_), Some(t)) => match edge_tls_config(t) {
+                Ok(c) => Some(c),
+                Err(e) => return refused(format!("edge.tls: {e}")),
+            },
+            _ => None,
+        };
         // Last fallible step: it may start connecting to added replicas, and dropping it
         // unused stops them again.
         let routing = match (&self.remote, new.app.as_ref().map(|a| &a.storage)) {
@@ -138,6 +150,9 @@ impl Running {
         }
         if let (Some(edge), Some(cfg)) = (&self.edge, &new.edge) {
             edge.apply(cfg);
+        }
+        if let (Some(live), Some(c)) = (&self.edge_tls, edge_tls) {
+            live.store(c);
         }
         if let (Some(repl), Some(cfg)) = (&self.storage, &new.storage) {
             repl.apply(cfg);
@@ -327,8 +342,16 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         }
         None => None,
     };
+    let mut edge_tls = None;
     let edge = match &config.edge {
         Some(edge_cfg) => {
+            let tls = match &edge_cfg.tls {
+                Some(t) => Some(Arc::new(ArcSwap::new(
+                    edge_tls_config(t).map_err(crate::balancer::BalancerError::from)?,
+                ))),
+                None => None,
+            };
+            edge_tls = tls.clone();
             let edge = crate::edge::Edge::new(edge_cfg, &metrics)?;
             admin.add_component(edge.clone());
             let purger = edge.clone();
@@ -336,7 +359,8 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             let listener = bind("edge", edge_cfg.listen).await?;
             let addr = listener.local_addr().unwrap_or(edge_cfg.listen);
             println!(
-                "strata: edge listening on http://{addr} (caching {})",
+                "strata: edge listening on {}://{addr} (caching {})",
+                if tls.is_some() { "https" } else { "http" },
                 edge_cfg.upstreams.join(", ")
             );
             let served = edge.clone();
@@ -347,7 +371,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                     "edge",
                     listener,
                     &limits,
-                    None,
+                    tls,
                     move |peer| {
                         let edge = served.clone();
                         hyper::service::service_fn(move |req| edge.clone().handle(req, peer))
@@ -376,6 +400,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         app,
         balancer,
         edge,
+        edge_tls,
     });
     let reloader = running.clone();
     admin.set_reloader(move || reloader.reload());
@@ -433,6 +458,17 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The edge's TLS settings as a server config (ALPN h2 + http/1.1, like the balancer's).
+fn edge_tls_config(
+    t: &config::edge::EdgeTls,
+) -> Result<Arc<rustls::ServerConfig>, crate::balancer::tls::TlsError> {
+    crate::balancer::tls::server_config(&config::balancer::TlsConfig {
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+        sni: Vec::new(),
+    })
 }
 
 /// The cluster secret as bytes; validation has made sure there is one.

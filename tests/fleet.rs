@@ -672,3 +672,203 @@ async fn fleet_runs_stage6_and_reloads_under_load() {
         );
     }
 }
+
+/// Accepts any server certificate (the test checks which one it got instead).
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One GET over a fresh TLS connection: the status and the certificate the server showed.
+async fn tls_get(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("edge.test").unwrap();
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "edge.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, cert))
+}
+
+/// The edge's certificates (and cache size) change 100 times under steady HTTPS load:
+/// no request fails, and new handshakes get the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_certificates_rotate_under_load() {
+    let app = common::Node::start_app("");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pairs = Vec::new();
+    for _ in 0..2 {
+        let ck = rcgen::generate_simple_self_signed(vec!["edge.test".to_owned()]).unwrap();
+        pairs.push((
+            ck.cert.pem(),
+            ck.signing_key.serialize_pem(),
+            ck.cert.der().to_vec(),
+        ));
+    }
+    let (cert, key) = (tmp.path().join("edge.pem"), tmp.path().join("edge.key"));
+    std::fs::write(&cert, &pairs[0].0).unwrap();
+    std::fs::write(&key, &pairs[0].1).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |max: &str| {
+        format!(
+            "[node]\nname = \"edge-tls\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\n\n[edge]\nlisten = \"127.0.0.1:{port}\"\nupstreams = [\"{}\"]\ncache = {{ max_bytes = \"{max}\" }}\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            tmp.path().join("data").display(),
+            app.app.unwrap(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let edge = common::Node::start_with(tmp.path(), &config("64MiB"));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let (status, der) = tls_get(&connector, addr, "/api/v1/users/nobody")
+        .await
+        .unwrap();
+    assert_eq!((status, der.as_slice()), (404, pairs[0].2.as_slice()));
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (connector, stop) = (connector.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut certs) =
+                (0u64, Vec::new(), std::collections::HashSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                match tls_get(&connector, addr, "/api/v1/users/nobody").await {
+                    Ok((404, der)) => {
+                        ok += 1;
+                        certs.insert(der);
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed, certs)
+        }));
+    }
+    let c = common::client();
+    for i in 1..=100 {
+        let (pem, key_pem, _) = &pairs[i % 2];
+        std::fs::write(&cert, pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        let max = if i % 2 == 0 { "64MiB" } else { "32MiB" };
+        std::fs::write(tmp.path().join("strata.toml"), config(max)).unwrap();
+        let r = c
+            .post(format!("{}/admin/reload", edge.admin_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut seen) = (0, std::collections::HashSet::new());
+    for h in load {
+        let (n, failed, certs) = h.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        ok += n;
+        seen.extend(certs);
+    }
+    assert!(ok > 50, "only {ok} requests during the reloads");
+    assert_eq!(seen.len(), 2, "handshakes saw both certificates");
+    // The last reload (i = 100) installed pair 0 and 64MiB.
+    let (_, der) = tls_get(&connector, addr, "/").await.unwrap();
+    assert_eq!(der, pairs[0].2);
+    let s: Value = c
+        .get(format!("{}/admin/status", edge.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["components"]["edge"]["capacity_bytes"], 64u64 << 20);
+    // A key that does not match its certificate is refused; the running pair stays.
+    std::fs::write(&key, &pairs[1].1).unwrap();
+    let r = c
+        .post(format!("{}/admin/reload", edge.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let (status, der) = tls_get(&connector, addr, "/api/v1/users/nobody")
+        .await
+        .unwrap();
+    assert_eq!((status, der), (404, pairs[0].2.clone()));
+}

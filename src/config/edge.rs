@@ -20,7 +20,8 @@ pub struct EdgeConfig {
     pub upstreams: Vec<String>,
     /// Sizes of the object store. Applies live (shrinking evicts at once).
     pub cache: EdgeCacheConfig,
-    /// TLS termination; unset serves plain HTTP/1.1 and h2c. Needs a restart to change.
+    /// TLS termination (ALPN h2, http/1.1); unset serves plain HTTP/1.1 and h2c. The
+    /// certificate and key are re-read on reload; switching TLS on or off needs a restart.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<EdgeTls>,
     /// Accept the non-standard `PURGE` method on the public listener. Off by default: anyone
