@@ -516,6 +516,23 @@ async fn fleet_runs_stage6_and_reloads_under_load() {
             assert_eq!(code, 200, "{report}");
             let (code, report) = reload(&c, &fleet, PRIMARY_ADMIN).await;
             assert_eq!(code, 200, "{report}");
+            let (lf, lt) = if odd {
+                ("\"30s\"", "\"20s\"")
+            } else {
+                ("\"20s\"", "\"30s\"")
+            };
+            edit(
+                &dir.join("replica1.toml"),
+                &format!("max_lag = {lf}"),
+                &format!("max_lag = {lt}"),
+            );
+            let (code, report) = reload(&c, &fleet, REPLICA_ADMINS[0]).await;
+            assert_eq!(code, 200, "{report}");
+            assert_eq!(
+                report["restart_required"],
+                serde_json::json!([]),
+                "{report}"
+            );
         }
         for admin in [LB_ADMIN, EDGE_ADMIN] {
             let (code, report) = reload(&c, &fleet, admin).await;
@@ -563,6 +580,11 @@ async fn fleet_runs_stage6_and_reloads_under_load() {
     assert_eq!(
         p["components"]["storage"]["replication"]["sync_timeout_ms"],
         3000
+    );
+    let r1 = status(&c, &fleet, REPLICA_ADMINS[0]).await;
+    assert_eq!(
+        r1["components"]["storage"]["replication"]["max_lag_ms"],
+        20_000
     );
     // app-2 was edited 33 times: it ends with one replica.
     let a2 = status(&c, &fleet, APP_ADMINS[1]).await;
