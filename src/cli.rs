@@ -204,6 +204,9 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Serve { config, adjust } => {
             init_tracing();
+            if !crate::fleet::stop_with_parent() {
+                anyhow::bail!("the strata fleet that started this node is gone");
+            }
             let source = config.map_or(Source::Default, |c| Source::file(c, adjust.overrides()));
             // On one core a current-thread runtime skips the work-stealing machinery and
             // its cross-thread wake-ups; blocking work still goes to the blocking pool.

@@ -309,6 +309,27 @@ pub async fn reload(targets: &[Target]) -> (Vec<String>, bool) {
     (lines, ok)
 }
 
+/// Set on every child: the supervisor's pid, so a child stops when the supervisor dies
+/// without stopping it (see [`stop_with_parent`]).
+pub const PARENT_ENV: &str = "STRATA_FLEET_PARENT";
+
+/// In a child of `strata fleet`: asks the kernel for SIGTERM (a graceful stop) when the
+/// supervisor dies, so a `kill -9` of the fleet leaves no orphaned nodes. Returns false
+/// when the supervisor is already gone.
+pub fn stop_with_parent() -> bool {
+    let Some(parent) = std::env::var(PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return true;
+    };
+    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(Signal::TERM)) {
+        tracing::warn!(error = %e, "cannot tie this node's life to the fleet supervisor");
+    }
+    // The supervisor may have died before the line above: then our parent changed.
+    rustix::process::getppid().map(|p| p.as_raw_pid()) == Some(parent)
+}
+
 /// What `strata fleet` was asked to do.
 pub struct FleetOptions {
     /// The directory of node configs.
@@ -390,11 +411,15 @@ pub async fn run(opts: FleetOptions) -> Result<(), FleetError> {
         }
         // Own process group: a terminal's Ctrl-C reaches only the supervisor, which then
         // stops the children once, gracefully.
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+        cmd.env(
+            PARENT_ENV,
+            rustix::process::getpid().as_raw_pid().to_string(),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
