@@ -4,6 +4,7 @@
 //! Counters and histograms are lock-free atomics once created; the per-route handles are
 //! looked up through a read-locked map, which is cheap next to an HTTP request.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +40,9 @@ type Refresher = Box<dyn Fn() + Send + Sync>;
 /// The node's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// A registry holding only the request counters, so [`Metrics::requests_by_role`] reads
+    /// them without encoding every metric (and without a cost on the request path).
+    request_registry: Mutex<Registry>,
     refreshers: Mutex<Vec<Refresher>>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
@@ -58,6 +62,8 @@ impl Metrics {
             latency_histogram as fn() -> Histogram,
         );
         registry.register("http_requests", "HTTP requests answered", requests.clone());
+        let mut request_registry = Registry::with_prefix("strata");
+        request_registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register(
             "http_request_duration_seconds",
             "Time from request head to response head",
@@ -65,6 +71,7 @@ impl Metrics {
         );
         Arc::new(Metrics {
             registry: Mutex::new(registry),
+            request_registry: Mutex::new(request_registry),
             refreshers: Mutex::new(Vec::new()),
             requests,
             latency,
@@ -122,6 +129,16 @@ impl Metrics {
         }
     }
 
+    /// Requests answered so far per role, for `/admin/status` (the dashboard computes rates
+    /// from successive readings).
+    pub fn requests_by_role(&self) -> BTreeMap<String, RoleRequests> {
+        let mut text = String::new();
+        if let Ok(r) = self.request_registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut text, &r);
+        }
+        request_totals(&text)
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         if let Ok(refreshers) = self.refreshers.lock() {
@@ -135,6 +152,50 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Requests one role answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoleRequests {
+    /// Every answered request.
+    pub total: u64,
+    /// Those answered with a 5xx status.
+    pub errors: u64,
+}
+
+/// Sums `strata_http_requests_total{role=…,route=…,status=…} N` lines by role. Pure: it
+/// reads our own exposition, and skips any line it does not understand.
+fn request_totals(text: &str) -> BTreeMap<String, RoleRequests> {
+    let mut out: BTreeMap<String, RoleRequests> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("strata_http_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Ok(n) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split(',').find_map(|kv| {
+                kv.strip_prefix(name)?
+                    .strip_prefix("=\"")?
+                    .strip_suffix('"')
+            })
+        };
+        let Some(role) = label("role") else {
+            continue;
+        };
+        let status: u16 = label("status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let entry = out.entry(role.to_owned()).or_default();
+        let n = n as u64;
+        entry.total += n;
+        if status >= 500 {
+            entry.errors += n;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -154,5 +215,47 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("strata_records 42"), "{text}");
+    }
+
+    #[test]
+    fn requests_are_summed_by_role() {
+        let m = Metrics::new();
+        assert!(m.requests_by_role().is_empty());
+        m.observe_request("app", "record", 200, Duration::from_millis(1));
+        m.observe_request("app", "record", 200, Duration::from_millis(1));
+        m.observe_request("app", "list", 503, Duration::from_millis(1));
+        m.observe_request("admin", "status", 200, Duration::from_millis(1));
+        let by_role = m.requests_by_role();
+        assert_eq!(
+            by_role["app"],
+            RoleRequests {
+                total: 3,
+                errors: 1
+            }
+        );
+        assert_eq!(
+            by_role["admin"],
+            RoleRequests {
+                total: 1,
+                errors: 0
+            }
+        );
+        assert_eq!(by_role.len(), 2);
+    }
+
+    #[test]
+    fn request_totals_skip_what_they_do_not_understand() {
+        let text = "# HELP x\nstrata_http_requests_total{role=\"edge\",route=\"r\",status=\"502\"} 4\n\
+                    strata_http_requests_total{broken 7\nstrata_http_requests_total{route=\"r\"} 1\n\
+                    strata_http_requests_total{role=\"edge\",status=\"200\"} x\n";
+        let totals = request_totals(text);
+        assert_eq!(totals.len(), 1);
+        assert_eq!(
+            totals["edge"],
+            RoleRequests {
+                total: 4,
+                errors: 4
+            }
+        );
     }
 }

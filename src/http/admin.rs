@@ -1,5 +1,5 @@
 //! The admin listener every node runs: `/healthz`, `/readyz`, `/metrics`, `/admin/status`,
-//! `/admin/reload`. Roles plug in as [`Component`]s, so this module knows no role.
+//! `/admin/reload`, and the dashboard at `/admin/`. Roles plug in as [`Component`]s, so this module knows no role.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -148,6 +148,7 @@ impl Admin {
                 "last_reload": self.last_reload.lock().ok().and_then(|l| l.clone()),
             },
             "components": roles,
+            "requests": self.metrics.requests_by_role(),
         })
     }
 
@@ -218,6 +219,9 @@ impl Admin {
         req: &Request<hyper::body::Incoming>,
     ) -> (&'static str, Response<Body>) {
         let path = req.uri().path();
+        if let Some(asset) = super::dashboard::asset(path) {
+            return ("dashboard", super::dashboard::respond(&asset, req.method()));
+        }
         let (route, allowed): (&'static str, &[Method]) = match path {
             "/healthz" => ("healthz", &[Method::GET, Method::HEAD]),
             "/readyz" => ("readyz", &[Method::GET, Method::HEAD]),
