@@ -161,6 +161,10 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         config.node.name,
         config.roles().join(", ")
     );
+    if let Some(e) = &engine {
+        let e = e.clone();
+        admin.set_backup(Box::new(move || crate::storage::backup::spawn(e.clone())));
+    }
     if let (Some(st), Some(e)) = (&config.storage, &engine) {
         let secret = cluster_secret(&config)?;
         let server = StorageServer::new(st, e.clone(), &secret, &config.node.name)?;

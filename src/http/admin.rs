@@ -36,6 +36,15 @@ pub type Promoter = Box<
         + Sync,
 >;
 
+/// What `GET /admin/backup` runs: starts a backup and hands back its byte stream (only
+/// nodes that hold data have one).
+pub type Backup = Box<
+    dyn Fn()
+            -> tokio::sync::mpsc::Receiver<Result<bytes::Bytes, crate::storage::backup::BackupError>>
+        + Send
+        + Sync,
+>;
+
 /// State behind the admin endpoints.
 pub struct Admin {
     started: Instant,
@@ -46,6 +55,7 @@ pub struct Admin {
     reloader: OnceLock<Reloader>,
     purger: OnceLock<Purger>,
     promoter: OnceLock<Promoter>,
+    backup: OnceLock<Backup>,
     last_reload: Mutex<Option<ReloadReport>>,
 }
 
@@ -65,6 +75,7 @@ impl Admin {
             reloader: OnceLock::new(),
             purger: OnceLock::new(),
             promoter: OnceLock::new(),
+            backup: OnceLock::new(),
             last_reload: Mutex::new(None),
         })
     }
@@ -93,6 +104,11 @@ impl Admin {
     /// Sets what `POST /admin/promote` runs (only storage nodes have one).
     pub fn set_promoter(&self, f: Promoter) {
         let _ = self.promoter.set(f);
+    }
+
+    /// Sets what `GET /admin/backup` streams (nodes with a storage engine).
+    pub fn set_backup(&self, f: Backup) {
+        let _ = self.backup.set(f);
     }
 
     /// Runs the node's reload, records the outcome for `/admin/status`, then logs it (in
@@ -229,6 +245,7 @@ impl Admin {
             "/admin/status" => ("status", &[Method::GET]),
             "/admin/reload" => ("reload", &[Method::POST]),
             "/admin/promote" => ("promote", &[Method::POST]),
+            "/admin/backup" => ("backup", &[Method::GET]),
             _ => {
                 return (
                     "unknown",
@@ -243,7 +260,10 @@ impl Admin {
         if !allowed.contains(req.method()) {
             return (route, method_not_allowed(allowed));
         }
-        if matches!(route, "metrics" | "status" | "reload" | "promote") {
+        if matches!(
+            route,
+            "metrics" | "status" | "reload" | "promote" | "backup"
+        ) {
             if let Err(problem) = self.tokens.load().check(req.headers(), Scope::Admin) {
                 return (route, problem.into_response());
             }
@@ -270,6 +290,7 @@ impl Admin {
                 r
             }
             "status" => json_response(StatusCode::OK, &self.status()),
+            "backup" => self.backup_response(),
             "promote" => match self.promoter.get() {
                 Some(promote) => match promote().await {
                     Ok(report) => {
@@ -306,6 +327,43 @@ impl Admin {
             },
         };
         (route, resp)
+    }
+}
+
+impl Admin {
+    /// `GET /admin/backup`: the node's data as a backup file, streamed as it is read. A
+    /// backup that fails part-way aborts the response, so the client never gets a file
+    /// with a valid trailer.
+    fn backup_response(&self) -> Response<Body> {
+        use http_body_util::BodyExt;
+        let Some(start) = self.backup.get() else {
+            return Problem::new(StatusCode::NOT_FOUND, "this node holds no data to back up")
+                .into_response();
+        };
+        let rx = start();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let item = rx.recv().await?;
+            let frame = item
+                .map(hyper::body::Frame::data)
+                .map_err(|e| -> body::BodyError { Box::new(e) });
+            Some((frame, rx))
+        });
+        let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
+        let name = format!(
+            "attachment; filename=\"{}.strata-backup\"",
+            self.live.get().node.name.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_"
+            )
+        );
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&name) {
+            r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+        r
     }
 }
 
