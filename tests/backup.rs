@@ -231,6 +231,49 @@ async fn backup_of_a_replica_under_writes_restores_every_record() {
         report["records"].as_u64(),
         Some((expected.len() + items.len()) as u64)
     );
+
+    // Restored again, the same file makes a replica that resumes from the backup's LSN
+    // (the primary still holds the log from there) instead of needing a snapshot.
+    let r2 = tmp.path().join("restored-replica");
+    std::fs::create_dir_all(&r2).expect("mkdir");
+    let (ok, _, err) = restore(&file, &r2.join("data"));
+    assert!(ok, "{err}");
+    let follower = Node::start_with(
+        &r2,
+        &format!(
+            "[node]\nname = \"restored-replica\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\ncluster_secret = \"{SECRET}\"\n\n\
+             [storage]\nlisten = \"127.0.0.1:{}\"\nmode = \"replica\"\nfollow = \"127.0.0.1:{storage_port}\"\n",
+            r2.join("data").display(),
+            free_port()
+        ),
+    );
+    let head = status(&primary).await["components"]["storage"]["last_lsn"]
+        .as_u64()
+        .expect("lsn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&follower).await["components"]["storage"]["replication"]["applied_lsn"]
+        .as_u64()
+        .unwrap_or(0)
+        < head
+    {
+        assert!(
+            Instant::now() < deadline,
+            "restored replica did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = client()
+        .get(format!("{}/metrics", follower.admin_url()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("strata_replication_snapshots_installed_total 0"),
+        "the restored replica needed a snapshot"
+    );
 }
 
 #[tokio::test]

@@ -341,7 +341,9 @@
     const rates = state.samples.length ? state.samples[state.samples.length - 1].rates : {};
     const total = Object.values(rates).reduce((a, b) => a + b, 0);
     $("#rate-now").textContent = Object.keys(rates).length ? fmtRate(total) : "–";
-    chart("rate", "rates", { fmt: fmtRate, empty: "waiting for a second sample" });
+    const http = Object.keys(requestCounters(s)).length > 0;
+    if (!http) $("#rate-now").textContent = "no HTTP roles on this node";
+    chart("rate", "rates", { fmt: fmtRate, empty: http ? "waiting for a second sample" : "no HTTP roles on this node" });
     const hitNow = caches(s)[0];
     $("#hits-now").textContent = hitNow ? `${fmtPct(hitNow.c.hit_ratio ?? hitNow.c.hits / Math.max(1, hitNow.c.hits + hitNow.c.misses))} overall` : "no cache on this node";
     chart("hits", "hits", { max: 1, fmt: fmtPct, empty: hitNow ? "no lookups in the last interval" : "no cache on this node" });
