@@ -35,6 +35,9 @@ const PAGE_BYTES: usize = 256 * 1024;
 const LOG_BATCH: usize = 1024;
 /// How long the backup waits for the last records it read to become durable.
 const DURABLE_WAIT: Duration = Duration::from_secs(30);
+/// How long a chunk may wait for the client to take it before the backup is abandoned
+/// (a stalled download must not keep a producer alive forever).
+const CLIENT_STALL: Duration = Duration::from_secs(60);
 
 /// Why a backup could not be taken or restored.
 #[derive(Debug, thiserror::Error)]
@@ -97,10 +100,17 @@ struct Sink {
 }
 
 impl Sink {
-    /// Sends bytes; `false` when the receiver is gone (stop quietly).
+    /// Sends bytes; `false` when the receiver is gone or stalled (stop quietly: the
+    /// client never gets the trailer, so what it has cannot be restored).
     async fn send(&mut self, bytes: Vec<u8>) -> bool {
         self.hash.update(&bytes);
-        self.tx.send(Ok(Bytes::from(bytes))).await.is_ok()
+        match tokio::time::timeout(CLIENT_STALL, self.tx.send(Ok(Bytes::from(bytes)))).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!("backup abandoned: the client took nothing for {CLIENT_STALL:?}");
+                false
+            }
+        }
     }
 }
 
@@ -165,10 +175,8 @@ async fn produce(engine: &Engine, out: &mut Sink) -> Result<(), BackupError> {
         ring::digest::Context::new(&ring::digest::SHA256),
     )
     .finish();
-    let _ = out
-        .tx
-        .send(Ok(Bytes::copy_from_slice(digest.as_ref())))
-        .await;
+    let trailer = Ok(Bytes::copy_from_slice(digest.as_ref()));
+    let _ = tokio::time::timeout(CLIENT_STALL, out.tx.send(trailer)).await;
     tracing::info!(tag, end_lsn = end, "backup sent");
     Ok(())
 }
