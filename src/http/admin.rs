@@ -14,6 +14,7 @@ use super::body::{self, Body};
 use super::problem::Problem;
 use crate::config::{self, LiveConfig, ReloadReport, Scope};
 use crate::metrics::Metrics;
+use crate::storage::backup::BackupError;
 
 /// A role as the admin endpoints see it.
 pub trait Component: Send + Sync {
@@ -38,12 +39,9 @@ pub type Promoter = Box<
 
 /// What `GET /admin/backup` runs: starts a backup and hands back its byte stream (only
 /// nodes that hold data have one).
-pub type Backup = Box<
-    dyn Fn()
-            -> tokio::sync::mpsc::Receiver<Result<bytes::Bytes, crate::storage::backup::BackupError>>
-        + Send
-        + Sync,
->;
+pub type Backup = Box<dyn Fn() -> Result<BackupStream, BackupError> + Send + Sync>;
+/// The bytes of a backup as they are produced.
+pub type BackupStream = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, BackupError>>;
 
 /// State behind the admin endpoints.
 pub struct Admin {
@@ -340,7 +338,10 @@ impl Admin {
             return Problem::new(StatusCode::NOT_FOUND, "this node holds no data to back up")
                 .into_response();
         };
-        let rx = start();
+        let rx = match start() {
+            Ok(rx) => rx,
+            Err(e) => return Problem::new(StatusCode::CONFLICT, e.to_string()).into_response(),
+        };
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             let item = rx.recv().await?;
             let frame = item

@@ -75,10 +75,16 @@ fn invalid(why: impl Into<String>) -> BackupError {
     BackupError::Invalid(why.into())
 }
 
-/// Starts a backup of `engine` and returns the stream of its bytes. The producer stops
-/// when the receiver is dropped (the client went away). An `Err` item means the backup
-/// failed part-way: the bytes sent so far lack the trailer, so no restore accepts them.
-pub fn spawn(engine: Arc<Engine>) -> mpsc::Receiver<Result<Bytes, BackupError>> {
+/// Starts a backup of `engine` and returns the stream of its bytes, or why it cannot start
+/// (the node's data is partial). The producer stops when the receiver is dropped (the
+/// client went away). An `Err` item means the backup failed part-way: the bytes sent so
+/// far lack the trailer, so no restore accepts them.
+pub fn spawn(
+    engine: Arc<Engine>,
+) -> Result<mpsc::Receiver<Result<Bytes, BackupError>>, BackupError> {
+    if engine.resyncing() {
+        return Err(BackupError::Resyncing);
+    }
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut out = Sink {
@@ -90,7 +96,7 @@ pub fn spawn(engine: Arc<Engine>) -> mpsc::Receiver<Result<Bytes, BackupError>> 
             let _ = tx.send(Err(e)).await;
         }
     });
-    rx
+    Ok(rx)
 }
 
 /// Where backup bytes go: the channel, and the running checksum.
