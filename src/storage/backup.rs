@@ -445,3 +445,96 @@ fn frame_name(m: &Message) -> &'static str {
         _ => "protocol message",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(frames: &[Message], trailer: bool) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        for f in frames {
+            out.extend(protocol::encode_frame(f));
+        }
+        if trailer {
+            let d = ring::digest::digest(&ring::digest::SHA256, &out);
+            out.extend_from_slice(d.as_ref());
+        }
+        out
+    }
+
+    async fn restore_bytes(bytes: Vec<u8>) -> (Result<Restored, BackupError>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("data");
+        let r = restore(std::io::Cursor::new(bytes), &target, 1000).await;
+        (r, dir)
+    }
+
+    #[tokio::test]
+    async fn an_empty_snapshot_restores_to_lsn_zero() {
+        let frames = [
+            Message::SnapshotBegin {
+                history: History::initial().to_pairs(),
+                tag_lsn: 0,
+            },
+            Message::SnapshotEnd { end_lsn: 0 },
+        ];
+        let (r, dir) = restore_bytes(file(&frames, true)).await;
+        let r = r.expect("restores");
+        assert_eq!((r.lsn, r.records), (0, 0));
+        assert!(dir.path().join("data").is_dir());
+    }
+
+    #[tokio::test]
+    async fn frames_out_of_order_or_missing_are_refused_and_leave_nothing() {
+        let begin = Message::SnapshotBegin {
+            history: History::initial().to_pairs(),
+            tag_lsn: 0,
+        };
+        let cases: [(Vec<Message>, bool, &str); 5] = [
+            // Entries before the snapshot began.
+            (
+                vec![Message::Entries {
+                    primary_lsn: 0,
+                    entries: vec![],
+                }],
+                true,
+                "unexpected log entries",
+            ),
+            // Two beginnings.
+            (
+                vec![begin.clone(), begin.clone()],
+                true,
+                "unexpected snapshot begin",
+            ),
+            // No end (the trailer then reads as a bogus frame).
+            (vec![begin.clone()], true, "not a valid backup"),
+            // Cut off after the beginning.
+            (vec![begin.clone()], false, "truncated"),
+            // No trailer.
+            (
+                vec![begin, Message::SnapshotEnd { end_lsn: 0 }],
+                false,
+                "checksum",
+            ),
+        ];
+        for (frames, trailer, why) in cases {
+            let (r, dir) = restore_bytes(file(&frames, trailer)).await;
+            let err = r.expect_err("refused").to_string();
+            assert!(err.contains(why), "{err} (wanted {why})");
+            let left: Vec<_> = std::fs::read_dir(dir.path()).expect("read dir").collect();
+            assert!(left.is_empty(), "a refused restore left {left:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_non_empty_target_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("keep"), b"precious").expect("write");
+        let r = restore(std::io::Cursor::new(Vec::new()), dir.path(), 1000).await;
+        assert!(matches!(r, Err(BackupError::TargetNotEmpty(_))));
+        assert_eq!(
+            std::fs::read(dir.path().join("keep")).expect("still there"),
+            b"precious"
+        );
+    }
+}
