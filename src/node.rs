@@ -349,7 +349,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     let admin_listener = bind("admin", config.node.admin).await?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.node.admin);
     println!(
-        "strata: admin listening on http://{admin_addr} (/healthz /readyz /metrics /admin/status)"
+        "strata: admin listening on http://{admin_addr} (/healthz /readyz /metrics /admin/status; dashboard at /admin/)"
     );
     if let Some(e) = &engine {
         println!(

@@ -1,5 +1,6 @@
 //! The admin listener every node runs: `/healthz`, `/readyz`, `/metrics`, `/admin/status`,
-//! `/admin/reload`, and the dashboard at `/admin/`. Roles plug in as [`Component`]s, so this module knows no role.
+//! `/admin/reload`, `/admin/backup`, and the dashboard at `/admin/`. Roles plug in as
+//! [`Component`]s, so this module knows no role.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
