@@ -287,17 +287,27 @@ async fn stale_if_error_serves_stale_while_the_origin_is_down() {
         "/sie",
         reply("max-age=1, stale-if-error=60", "old but good"),
     );
-    origin.route("/nosie", reply("max-age=1", "gone"));
+    origin.route("/nosie", reply("max-age=1, must-revalidate", "gone"));
+    origin.route("/plain", reply("max-age=1", "plain old"));
     let (_node, url, _t) = start_edge(&origin, "");
-    get(&format!("{url}/sie"), &[]).await;
-    get(&format!("{url}/nosie"), &[]).await;
+    for p in ["/sie", "/nosie", "/plain"] {
+        get(&format!("{url}{p}"), &[]).await;
+    }
     tokio::time::sleep(Duration::from_millis(2100)).await;
     origin.set_down(true);
     let (s, b, h) = get(&format!("{url}/sie"), &[]).await;
     assert_eq!((s, b.as_str()), (200, "old but good"));
     assert!(cs(&h).contains("stale-if-error"), "{h:?}");
     let (s, _, _) = get(&format!("{url}/nosie"), &[]).await;
-    assert_eq!(s, 502, "without stale-if-error a dead origin is an error");
+    assert_eq!(
+        s, 502,
+        "must-revalidate forbids stale even with the origin down"
+    );
+    // Without any directive, an unreachable origin may be covered by stale content
+    // (§4.2.4, `stale_if_unreachable`; cache-tests stale-close).
+    let (s, b, h) = get(&format!("{url}/plain"), &[]).await;
+    assert_eq!((s, b.as_str()), (200, "plain old"));
+    assert!(cs(&h).contains("detail=origin-unreachable"), "{h:?}");
     // 5xx from a live origin also falls back to stale.
     origin.set_down(false);
     let mut r = reply("no-store", "boom");
@@ -701,6 +711,35 @@ async fn compression_is_negotiated_and_stored_per_coding() {
     let (h, _) = fetch("deflate, gzip").await;
     assert_eq!(h["cache-status"], "strata; hit", "gzip variant reused");
     assert_eq!(origin.hits("/t"), 3);
+
+    // A body too small to compress is one object for every client, without
+    // `Vary: Accept-Encoding` (cache-tests vary-match expects the origin's Vary as is).
+    let mut small = reply("max-age=60", "tiny");
+    small.headers.push(("vary".into(), "Foo".into()));
+    origin.route("/small", small);
+    let get_small = |ae: &'static str| {
+        let u = format!("{url}/small");
+        async move {
+            let r = common::client()
+                .get(&u)
+                .header("accept-encoding", ae)
+                .header("foo", "1")
+                .send()
+                .await
+                .unwrap();
+            let h = r.headers().clone();
+            (h, r.text().await.unwrap())
+        }
+    };
+    let (h, b) = get_small("gzip").await;
+    assert_eq!((h["vary"].to_str().unwrap(), b.as_str()), ("Foo", "tiny"));
+    assert!(h.get("content-encoding").is_none());
+    let (h, b) = get_small("identity").await;
+    assert_eq!(
+        (h["cache-status"].to_str().unwrap(), b.as_str()),
+        ("strata; hit", "tiny")
+    );
+    assert_eq!(origin.hits("/small"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

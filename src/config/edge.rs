@@ -39,6 +39,11 @@ pub struct EdgeConfig {
     /// Longest a request waits for another request's fetch of the same object before going
     /// upstream itself. Applies live.
     pub coalesce_wait: Dur,
+    /// How stale a stored response may be and still be served when no origin can be
+    /// reached at all (refused, reset, timed out; not a 5xx answer), as RFC 9111 §4.2.4
+    /// allows a disconnected cache. `must-revalidate`, `proxy-revalidate`, `s-maxage` and
+    /// `no-cache` always forbid it. `"0s"` turns it off. Applies live.
+    pub stale_if_unreachable: Dur,
     /// Fraction of the time since `Last-Modified` used as heuristic freshness, for responses
     /// with no explicit freshness whose status allows heuristics (RFC 9111 §4.2.2). Zero
     /// disables heuristics. Applies live.
@@ -65,6 +70,7 @@ impl Default for EdgeConfig {
             upstream_timeout: Dur::secs(30),
             upstream_down_for: Dur::secs(5),
             coalesce_wait: Dur::secs(10),
+            stale_if_unreachable: Dur::secs(86_400),
             heuristic_fraction: 0.1,
             heuristic_max: Dur::secs(86_400),
             http: HttpLimits::default(),

@@ -61,6 +61,7 @@ struct Live {
     compress: bool,
     purge_method: bool,
     coalesce_wait: Duration,
+    stale_if_unreachable: u64,
 }
 
 impl Live {
@@ -75,6 +76,7 @@ impl Live {
             compress: cfg.compress,
             purge_method: cfg.purge_method,
             coalesce_wait: cfg.coalesce_wait.get(),
+            stale_if_unreachable: cfg.stale_if_unreachable.get().as_secs(),
         }
     }
 }
@@ -119,6 +121,8 @@ struct Ask {
 /// `Cache-Status` of a fresh hit: built once.
 const HIT: HeaderValue = HeaderValue::from_static("strata; hit");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// Smallest body the edge compresses (and so lets vary on `Accept-Encoding`).
+const MIN_COMPRESS: usize = 128;
 
 impl Edge {
     /// Builds the role from its config and registers its metrics.
@@ -404,7 +408,7 @@ impl Edge {
             Ok(r) => r,
             Err(e) => {
                 bump(&self.counters.upstream_errors);
-                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502);
+                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502, live);
             }
         };
         let response_time = policy::now_secs();
@@ -425,7 +429,7 @@ impl Edge {
             if status.is_server_error() {
                 bump(&self.counters.upstream_errors);
                 if obj.freshness.stale_if_error(&ask.cc, response_time) {
-                    return self.upstream_failed(ask, Some(obj), "", status.as_u16());
+                    return self.upstream_failed(ask, Some(obj), "", status.as_u16(), live);
                 }
             }
         }
@@ -485,11 +489,11 @@ impl Edge {
             Err(e) => {
                 bump(&self.counters.upstream_errors);
                 tracing::warn!(url = %ask.primary, error = %e, "upstream body failed; not stored");
-                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502);
+                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502, live);
             }
         };
         if declared_len.is_some_and(|l| l != body.len() as u64) {
-            return self.upstream_failed(ask, stale.as_deref(), "body length mismatch", 502);
+            return self.upstream_failed(ask, stale.as_deref(), "body length mismatch", 502, live);
         }
         let set_cookies: Vec<HeaderValue> = parts
             .headers
@@ -578,24 +582,37 @@ impl Edge {
         self.serve(ask, &updated, HeaderValue::from_static(s), response_time)
     }
 
-    /// The origin failed (no answer, broken body, or 5xx): serve stale where allowed,
-    /// otherwise a 502/504 problem.
+    /// The origin failed (no answer, broken body — `why` says how — or a 5xx, with `why`
+    /// empty): serve stale where `stale-if-error` allows, or where the origin could not be
+    /// reached and `stale_if_unreachable` allows; otherwise a 502/504 problem.
     fn upstream_failed(
         &self,
         ask: &Ask,
         stale: Option<&Object>,
         why: &str,
         fwd_status: u16,
+        live: &Live,
     ) -> Response<Body> {
         let now = policy::now_secs();
         if let Some(obj) = stale {
-            if obj.freshness.stale_if_error(&ask.cc, now) {
+            let detail = if obj.freshness.stale_if_error(&ask.cc, now) {
+                Some("stale-if-error")
+            } else if !why.is_empty()
+                && obj
+                    .freshness
+                    .stale_if_unreachable(live.stale_if_unreachable, now)
+            {
+                Some("origin-unreachable")
+            } else {
+                None
+            };
+            if let Some(detail) = detail {
                 bump(&self.counters.stale_served);
                 return self.serve(
                     ask,
                     obj,
                     hv(format!(
-                        "strata; fwd=stale; fwd-status={fwd_status}; detail=stale-if-error"
+                        "strata; fwd=stale; fwd-status={fwd_status}; detail={detail}"
                     )),
                     now,
                 );
@@ -657,12 +674,14 @@ impl Edge {
             && identity
             && !cc.no_transform
             && policy::compressible(headers.get(header::CONTENT_TYPE));
-        if transformable {
+        // Bodies too small to be worth compressing are the same for every client, so they
+        // neither get compressed nor vary on Accept-Encoding.
+        if transformable && body.len() >= MIN_COMPRESS {
             // Every stored copy of a compressible type varies on the client's coding.
             if !policy::vary_fields(&headers).is_ok_and(|f| f.contains(&header::ACCEPT_ENCODING)) {
                 headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
             }
-            if ask.coding != Coding::Identity && body.len() >= 128 {
+            if ask.coding != Coding::Identity {
                 let coding = ask.coding;
                 let input = body.clone();
                 let compressed = if input.len() > 64 * 1024 {
@@ -826,7 +845,7 @@ impl Edge {
                 set_status(&mut r, s);
                 r
             }
-            Err(e) => self.upstream_failed(&ask, None, &e.to_string(), 502),
+            Err(e) => self.upstream_failed(&ask, None, &e.to_string(), 502, live),
         }
     }
 
