@@ -762,3 +762,243 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     assert_eq!((b.as_str(), cs(&h).as_str()), ("new", "strata; hit"));
     assert_eq!(origin.hits("/swr"), 2, "one background refresh");
 }
+
+/// A private CA and one leaf certificate per `(file, name)`, as PEM files in `dir`; returns
+/// the CA certificate (DER) to trust.
+fn make_certs(dir: &std::path::Path, leaves: &[(&str, &str)]) -> Vec<u8> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    for (file, name) in leaves {
+        let params = CertificateParams::new(vec![(*name).to_owned()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+    }
+    ca.der().to_vec()
+}
+
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// A verified TLS connection for `name`: the stream, the certificate served, the ALPN
+/// protocol agreed.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &[u8],
+    name: &str,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    Vec<u8>,
+    Option<Vec<u8>>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(ca.to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("TLS handshake verifies against the CA");
+    let (_, conn) = tls.get_ref();
+    let cert = conn.peer_certificates().unwrap()[0].as_ref().to_vec();
+    let proto = conn.alpn_protocol().map(<[u8]>::to_vec);
+    (tls, cert, proto)
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+async fn h2_get(send: &mut H2Sender, uri: &str) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(uri)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let cs = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), cs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_h2_and_sni_through_the_edge_with_live_certificate_reload() {
+    let origin = Origin::start().await;
+    origin.route("/tls", reply("max-age=60", "over tls"));
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_certs(
+        certs.path(),
+        &[("a", "a.test"), ("b", "b.test"), ("a2", "a.test")],
+    );
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\", sni = [{{ names = [\"b.test\"], cert = \"{}\", key = \"{}\" }}] }}",
+        p("a.pem"),
+        p("a.key"),
+        p("b.pem"),
+        p("b.key")
+    );
+    let (node, _, _t) = start_edge(&origin, &tls);
+    let addr = node.listening["edge"];
+
+    // HTTP/2 by ALPN, the default certificate; the second request is a cache hit.
+    let (stream, cert, proto) = tls_connect(addr, &ca, "a.test", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(cert, pem_der(&certs.path().join("a.pem")));
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (s, b, cs1) = h2_get(&mut h2, "https://a.test/tls").await;
+    assert_eq!((s, b.as_str()), (200, "over tls"), "{cs1}");
+    assert!(cs1.contains("stored"), "{cs1}");
+    let (_, b, cs2) = h2_get(&mut h2, "https://a.test/tls").await;
+    assert_eq!((b.as_str(), cs2.as_str()), ("over tls", "strata; hit"));
+
+    // SNI b.test gets b's certificate; HTTP/1.1 by ALPN shares the same cache entry.
+    let (stream, cert, proto) = tls_connect(addr, &ca, "b.test", &[b"http/1.1"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(cert, pem_der(&certs.path().join("b.pem")));
+    let (mut h1, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/tls")
+        .header("host", "a.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = h1.send_request(req).await.unwrap();
+    assert_eq!(resp.headers()["cache-status"], "strata; hit");
+    assert_eq!(origin.hits("/tls"), 1);
+
+    // Certificates reload live: new handshakes get the new one, open connections go on.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    let text = text
+        .replace(&p("a.pem"), &p("a2.pem"))
+        .replace(&p("a.key"), &p("a2.key"));
+    std::fs::write(&node.config, text).unwrap();
+    let report: serde_json::Value = common::client()
+        .post(format!("{}/admin/reload", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["applied"], true, "{report}");
+    let (_, cert, _) = tls_connect(addr, &ca, "a.test", &[b"h2"]).await;
+    assert_eq!(cert, pem_der(&certs.path().join("a2.pem")));
+    let (s, _, _) = h2_get(&mut h2, "https://a.test/tls").await;
+    assert_eq!(
+        s, 200,
+        "the connection opened before the reload still serves"
+    );
+
+    // A reload with a broken certificate is refused and changes nothing.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(certs.path().join("bad.pem"), "not a certificate").unwrap();
+    std::fs::write(&node.config, text.replace(&p("a2.pem"), &p("bad.pem"))).unwrap();
+    let report: serde_json::Value = common::client()
+        .post(format!("{}/admin/reload", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["applied"], false, "{report}");
+    let (_, cert, _) = tls_connect(addr, &ca, "a.test", &[b"h2"]).await;
+    assert_eq!(cert, pem_der(&certs.path().join("a2.pem")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_admin_listener_on_an_edge_only_node_needs_the_admin_token() {
+    let origin = Origin::start().await;
+    origin.route("/k", reply("max-age=60", "kept"));
+    let tmp = tempfile::tempdir().unwrap();
+    let base = format!(
+        "[node]\nname = \"edge-exposed\"\ndata_dir = \"{}\"\nadmin = \"0.0.0.0:0\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{}\"]\n",
+        tmp.path().join("data").display(),
+        origin.addr
+    );
+    // Without an admin token the node refuses to start.
+    let path = tmp.path().join("open.toml");
+    std::fs::write(&path, &base).unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("node.admin"), "{err}");
+
+    let text = format!(
+        "{base}\n[[edge.tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"edge-admin-secret-1\"\n"
+    );
+    let node = Node::start_with(tmp.path(), &text);
+    let url = format!("http://{}", node.listening["edge"]);
+    let (_, b, _) = get(&format!("{url}/k"), &[]).await;
+    assert_eq!(b, "kept");
+    let admin = node.admin_url();
+    let c = common::client();
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/status"),
+        (reqwest::Method::GET, "/metrics"),
+        (reqwest::Method::POST, "/admin/reload"),
+        (reqwest::Method::POST, "/admin/purge"),
+    ] {
+        let r = c
+            .request(method.clone(), format!("{admin}{path}"))
+            .json(&serde_json::json!({"prefix": "/"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method} {path} without a token");
+        let r = c
+            .request(method.clone(), format!("{admin}{path}"))
+            .bearer_auth("wrong-token-000000")
+            .json(&serde_json::json!({"prefix": "/"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method} {path} with a wrong token");
+    }
+    // Nothing was purged; the cached object is still served.
+    let (_, b, h) = get(&format!("{url}/k"), &[]).await;
+    assert_eq!((b.as_str(), cs(&h).as_str()), ("kept", "strata; hit"));
+    let r = c
+        .get(format!("{admin}/admin/status"))
+        .bearer_auth("edge-admin-secret-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let status: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status["components"]["edge"]["hits"], 1, "{status}");
+    // Health checks stay open for load balancers.
+    let r = c.get(format!("{admin}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

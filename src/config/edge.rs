@@ -1,10 +1,11 @@
 //! `[edge]`: the HTTP cache (CDN tier) in front of the balancer or the apps.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::balancer::TlsConfig;
 use super::load::ConfigError;
 use super::model::{HttpLimits, TokenConfig};
 use super::units::{Dur, Size};
@@ -20,9 +21,11 @@ pub struct EdgeConfig {
     pub upstreams: Vec<String>,
     /// Sizes of the object store. Applies live (shrinking evicts at once).
     pub cache: EdgeCacheConfig,
-    /// TLS termination; unset serves plain HTTP/1.1 and h2c. Needs a restart to change.
+    /// TLS termination: a default certificate, per-name ones chosen by SNI, ALPN h2 and
+    /// http/1.1 (the same settings as `balancer.tls`). Unset serves plain HTTP/1.1 and h2c.
+    /// Certificates reload live; switching TLS on or off needs a restart.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<EdgeTls>,
+    pub tls: Option<TlsConfig>,
     /// Accept the non-standard `PURGE` method on the public listener. Off by default: anyone
     /// who reaches the listener could empty the cache. Prefer `POST /admin/purge`.
     pub purge_method: bool,
@@ -98,16 +101,6 @@ impl Default for EdgeCacheConfig {
     }
 }
 
-/// Certificate and key for TLS termination (PEM files).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EdgeTls {
-    /// Certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// Private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-}
-
 impl EdgeConfig {
     /// The checks serde cannot express.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -168,15 +161,8 @@ impl EdgeConfig {
             })?;
         }
         if let Some(tls) = &self.tls {
-            for (field, p) in [("edge.tls.cert", &tls.cert), ("edge.tls.key", &tls.key)] {
-                if !p.is_file() {
-                    return Err(ConfigError::invalid(
-                        path,
-                        field,
-                        format!("{} is not a readable file", p.display()),
-                    ));
-                }
-            }
+            crate::tls::listener_config(tls)
+                .map_err(|e| ConfigError::invalid(path, "edge.tls", e.to_string()))?;
         }
         Ok(())
     }

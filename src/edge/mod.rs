@@ -43,6 +43,7 @@ use crate::config::edge::EdgeConfig;
 use crate::http::admin::Component;
 use crate::http::body::{self, Body};
 use crate::http::problem::Problem;
+use crate::http::server::Tls;
 use crate::metrics::Metrics;
 
 /// Why the edge could not start.
@@ -51,6 +52,17 @@ pub enum EdgeError {
     /// The object store refused its configuration.
     #[error("edge cache: {0}")]
     Cache(#[from] crate::cache::CacheConfigError),
+    /// The TLS certificates could not be loaded.
+    #[error("edge.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// A reload, prepared: everything that can fail (certificates) is done; applying it
+/// cannot fail.
+pub struct Prepared {
+    live: Live,
+    max_bytes: u64,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Settings of one config version, swapped whole on reload.
@@ -102,6 +114,7 @@ fn bump(c: &AtomicU64) {
 /// The edge role's state. Share it in an `Arc`.
 pub struct Edge {
     live: ArcSwap<Live>,
+    tls: Option<Tls>,
     store: Store,
     flights: Coalescer,
     counters: Counters,
@@ -127,8 +140,13 @@ const MIN_COMPRESS: usize = 128;
 impl Edge {
     /// Builds the role from its config and registers its metrics.
     pub fn new(cfg: &EdgeConfig, metrics: &Metrics) -> Result<Arc<Self>, EdgeError> {
+        let tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(ArcSwap::new(crate::tls::listener_config(t)?))),
+            None => None,
+        };
         let edge = Arc::new(Edge {
             live: ArcSwap::from_pointee(Live::new(cfg)),
+            tls,
             store: Store::new(cfg.cache.max_bytes.bytes())?,
             flights: Coalescer::default(),
             counters: Counters::default(),
@@ -137,11 +155,35 @@ impl Edge {
         Ok(edge)
     }
 
-    /// Applies a reloaded config: upstreams, rules and sizes change without dropping a
-    /// request (in-flight requests finish with the settings they started with).
-    pub fn apply(&self, cfg: &EdgeConfig) {
-        self.store.set_capacity(cfg.cache.max_bytes.bytes());
-        self.live.store(Arc::new(Live::new(cfg)));
+    /// The TLS config in force when the listener terminates TLS; swapped on reload, so
+    /// the next handshake uses the new certificates.
+    pub fn tls(&self) -> Option<Tls> {
+        self.tls.clone()
+    }
+
+    /// Builds everything a reload needs (loads and checks the certificates); nothing
+    /// changes until [`Edge::apply`].
+    pub fn prepare(&self, cfg: &EdgeConfig) -> Result<Prepared, EdgeError> {
+        let tls = match (&cfg.tls, &self.tls) {
+            (Some(t), Some(_)) => Some(crate::tls::listener_config(t)?),
+            _ => None,
+        };
+        Ok(Prepared {
+            live: Live::new(cfg),
+            max_bytes: cfg.cache.max_bytes.bytes(),
+            tls,
+        })
+    }
+
+    /// Applies a prepared reload: upstreams, rules, sizes and certificates change without
+    /// dropping a request (in-flight requests finish with the settings they started with;
+    /// open connections keep their TLS session). A smaller cache evicts at once.
+    pub fn apply(&self, prepared: Prepared) {
+        self.store.set_capacity(prepared.max_bytes);
+        self.live.store(Arc::new(prepared.live));
+        if let (Some(cfg), Some(slot)) = (prepared.tls, &self.tls) {
+            slot.store(cfg);
+        }
     }
 
     fn register_metrics(self: &Arc<Self>, metrics: &Metrics) {
