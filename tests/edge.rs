@@ -1002,3 +1002,117 @@ async fn an_exposed_admin_listener_on_an_edge_only_node_needs_the_admin_token() 
     let r = c.get(format!("{admin}/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+async fn reload(node: &Node) -> serde_json::Value {
+    common::client()
+        .post(format!("{}/admin/reload", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn edge_status(node: &Node) -> serde_json::Value {
+    let s: serde_json::Value = common::client()
+        .get(format!("{}/admin/status", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    s["components"]["edge"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rules_and_sizes_reload_under_load_without_failed_requests() {
+    let origin = Origin::start().await;
+    let body = "x".repeat(1000);
+    for i in 0..40 {
+        origin.route(&format!("/r/{i}"), reply("max-age=60", &body));
+    }
+    let big = "y".repeat(3000);
+    origin.route("/big1", reply("max-age=60", &big));
+    origin.route("/big2", reply("max-age=60", &big));
+    let sizes = |max: &str, obj: &str| {
+        format!("cache = {{ max_bytes = \"{max}\", max_object_size = \"{obj}\" }}\n")
+    };
+    let (node, url, _t) = start_edge(&origin, &sizes("1MiB", "64KiB"));
+    let (_, _, h) = get(&format!("{url}/big1"), &[]).await;
+    assert!(cs(&h).contains("stored"), "{h:?}");
+
+    // Steady load from four clients over 40 URLs, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|w| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = common::client();
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                let mut i = w;
+                while !stop.load(Ordering::SeqCst) {
+                    match c.get(format!("{url}/r/{}", i % 40)).send().await {
+                        Ok(r) if r.status() == 200 => match r.bytes().await {
+                            Ok(b) if b.len() == 1000 => ok += 1,
+                            other => failed.push(format!("body {other:?}")),
+                        },
+                        other => failed.push(format!("{other:?}")),
+                    }
+                    i += 1;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = edge_status(&node).await;
+    assert!(before["bytes"].as_u64().unwrap() > 30_000, "{before}");
+
+    // Shrink the cache and tighten the object size limit, live.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        text.replace(&sizes("1MiB", "64KiB"), &sizes("16KiB", "2KiB")),
+    )
+    .unwrap();
+    let report = reload(&node).await;
+    assert_eq!(report["applied"], true, "{report}");
+    let after = edge_status(&node).await;
+    assert_eq!(after["capacity_bytes"], 16 * 1024, "{after}");
+    assert!(after["bytes"].as_u64().unwrap() <= 16 * 1024, "{after}");
+    assert!(
+        after["evictions"].as_u64().unwrap() > before["evictions"].as_u64().unwrap(),
+        "shrinking evicted: {before} → {after}"
+    );
+    // The new object size rule applies to the next fill.
+    let (s, b, h) = get(&format!("{url}/big2"), &[]).await;
+    assert_eq!((s, b.len()), (200, 3000));
+    assert!(cs(&h).contains("detail=too-large"), "{h:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // And back up again.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        text.replace(&sizes("16KiB", "2KiB"), &sizes("1MiB", "64KiB")),
+    )
+    .unwrap();
+    assert_eq!(reload(&node).await["applied"], true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for t in load {
+        let (ok, failed) = t.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed requests across reloads: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 100, "the load ran ({total} requests)");
+    let end = edge_status(&node).await;
+    assert_eq!(end["capacity_bytes"], 1024 * 1024, "{end}");
+    assert!(end["bytes"].as_u64().unwrap() > 30_000, "refilled: {end}");
+}
