@@ -1116,3 +1116,110 @@ async fn rules_and_sizes_reload_under_load_without_failed_requests() {
     assert_eq!(end["capacity_bytes"], 1024 * 1024, "{end}");
     assert!(end["bytes"].as_u64().unwrap() > 30_000, "refilled: {end}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_is_skipped_and_counters_are_reported() {
+    let origin = Origin::start().await;
+    for i in 0..6 {
+        origin.route(&format!("/u/{i}"), reply("private", "fine"));
+    }
+    origin.route("/c", reply("max-age=60", "counted"));
+    // A port nothing listens on: bind, note it, close.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nname = \"edge-two\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{dead}\", \"{}\"]\nupstream_down_for = \"30s\"\npurge_method = true\n",
+        tmp.path().join("data").display(),
+        origin.addr
+    );
+    let node = Node::start_with(tmp.path(), &text);
+    let url = format!("http://{}", node.listening["edge"]);
+    for i in 0..6 {
+        let (s, b, _) = get(&format!("{url}/u/{i}"), &[]).await;
+        assert_eq!((s, b.as_str()), (200, "fine"), "request {i}");
+    }
+    let st = edge_status(&node).await;
+    let ups = st["upstreams"].as_array().unwrap();
+    let healthy = |a: SocketAddr| {
+        ups.iter()
+            .find(|u| u.to_string().contains(&a.to_string()))
+            .map(|u| u["healthy"].clone())
+    };
+    assert_eq!(healthy(dead), Some(serde_json::json!(false)), "{st}");
+    assert_eq!(healthy(origin.addr), Some(serde_json::json!(true)), "{st}");
+
+    get(&format!("{url}/c"), &[]).await;
+    get(&format!("{url}/c"), &[]).await;
+    let st = edge_status(&node).await;
+    assert_eq!(
+        (st["hits"].as_u64(), st["stored"].as_u64()),
+        (Some(1), Some(1)),
+        "{st}"
+    );
+    assert!(st["hit_ratio"].as_f64().unwrap() > 0.0, "{st}");
+    assert_eq!(st["bytes_from_cache"], 7, "{st}");
+    let metrics = common::client()
+        .get(format!("{}/metrics", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "strata_edge_hits 1",
+        "strata_edge_misses",
+        "strata_edge_stale_served",
+        "strata_edge_revalidations",
+        "strata_edge_coalesced_waits",
+        "strata_edge_bytes_from_cache 7",
+        "strata_edge_entries",
+        "strata_edge_bytes",
+        "strata_edge_evictions",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+
+    // With purge_method on, PURGE drops the URL.
+    let r = common::client()
+        .request(
+            reqwest::Method::from_bytes(b"PURGE").unwrap(),
+            format!("{url}/c"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, b, h) = get(&format!("{url}/c"), &[]).await;
+    assert_eq!(b, "counted");
+    assert!(cs(&h).contains("fwd=uri-miss"), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_for_an_uncacheable_response_each_go_upstream() {
+    let origin = Origin::start().await;
+    let mut r = reply("private", "for you only");
+    r.delay = Duration::from_millis(200);
+    origin.route("/p", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let u = format!("{url}/p");
+            tokio::spawn(async move { get(&u, &[]).await })
+        })
+        .collect();
+    for t in tasks {
+        let (s, b, h) = t.await.unwrap();
+        assert_eq!((s, b.as_str()), (200, "for you only"));
+        assert!(!cs(&h).contains("hit"), "{h:?}");
+    }
+    assert_eq!(
+        origin.hits("/p"),
+        10,
+        "nobody got another client's private answer"
+    );
+}

@@ -569,7 +569,8 @@ impl Edge {
         } else {
             format!("strata; fwd={fwd}; fwd-status={fwd_status}")
         };
-        let mut resp = self.serve(ask, &obj, hv(status_line), policy::now_secs());
+        // The body just came from the origin: not counted as served from cache.
+        let mut resp = self.respond(ask, &obj, hv(status_line), policy::now_secs(), false);
         for c in set_cookies {
             resp.headers_mut().append(header::SET_COOKIE, c);
         }
@@ -778,6 +779,18 @@ impl Edge {
         cache_status: HeaderValue,
         now: u64,
     ) -> Response<Body> {
+        self.respond(ask, obj, cache_status, now, true)
+    }
+
+    /// [`Edge::serve`], saying whether the body counts as bytes served from cache.
+    fn respond(
+        &self,
+        ask: &Ask,
+        obj: &Object,
+        cache_status: HeaderValue,
+        now: u64,
+        from_cache: bool,
+    ) -> Response<Body> {
         let age = HeaderValue::from(obj.freshness.age(now));
         if obj.status == StatusCode::OK && policy::not_modified(&ask.headers, &obj.headers) {
             let mut resp = Response::new(body::empty());
@@ -835,9 +848,11 @@ impl Edge {
         let body = if ask.method == Method::HEAD {
             body::empty()
         } else {
-            self.counters
-                .bytes_from_cache
-                .fetch_add(n as u64, Ordering::Relaxed);
+            if from_cache {
+                self.counters
+                    .bytes_from_cache
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
             body::full(body_bytes)
         };
         let mut resp = Response::new(body);
