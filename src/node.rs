@@ -318,6 +318,14 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                 if tls.is_some() { "https" } else { "http" },
                 edge_cfg.upstreams.join(", ")
             );
+            tasks.spawn({
+                let e = edge.clone();
+                let stop = stop_rx.clone();
+                async move {
+                    e.run_health(stop).await;
+                    0
+                }
+            });
             let served = edge.clone();
             let limits = edge_cfg.http.clone();
             let stop = stop_rx.clone();

@@ -1223,3 +1223,60 @@ async fn concurrent_misses_for_an_uncacheable_response_each_go_upstream() {
         "nobody got another client's private answer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_probes_take_a_failing_upstream_out_and_bring_it_back() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    a.route("/health", reply("no-store", "ok"));
+    let mut sick = reply("no-store", "sick");
+    sick.status = 503;
+    b.route("/health", sick);
+    for o in [&a, &b] {
+        for i in 0..8 {
+            o.route(&format!("/h/{i}"), reply("private", "fine"));
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nname = \"edge-probes\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{}\", \"{}\"]\nhealth = {{ path = \"/health\", interval = \"50ms\", timeout = \"1s\", rise = 1, fall = 1 }}\n",
+        tmp.path().join("data").display(),
+        a.addr,
+        b.addr
+    );
+    let node = Node::start_with(tmp.path(), &text);
+    let url = format!("http://{}", node.listening["edge"]);
+    let wait_probed = |want_b: bool| {
+        let node = &node;
+        let b_addr = b.addr.to_string();
+        async move {
+            for _ in 0..100 {
+                let st = edge_status(node).await;
+                let b_up = st["upstreams"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|u| u["upstream"] == b_addr.as_str())
+                    .map(|u| u["probes_pass"] == true);
+                if b_up == Some(want_b) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("upstream b never became probes_pass={want_b}");
+        }
+    };
+    wait_probed(false).await;
+    for i in 0..8 {
+        let (s, _, _) = get(&format!("{url}/h/{i}"), &[]).await;
+        assert_eq!(s, 200);
+    }
+    let on_b: usize = (0..8).map(|i| b.hits(&format!("/h/{i}"))).sum();
+    assert_eq!(on_b, 0, "a probed-down upstream takes no requests");
+    b.route("/health", reply("no-store", "ok"));
+    wait_probed(true).await;
+    for i in 0..8 {
+        get(&format!("{url}/h/{i}"), &[]).await;
+    }
+    let on_b: usize = (0..8).map(|i| b.hits(&format!("/h/{i}"))).sum();
+    assert!(on_b >= 3, "back in rotation: {on_b} of 8 on b");
+}

@@ -55,6 +55,8 @@ pub struct EdgeConfig {
     pub heuristic_max: Dur,
     /// Listener limits and timeouts. Needs a restart to change.
     pub http: HttpLimits,
+    /// Active health checks of the origins (off unless `path` is set). Applies live.
+    pub health: EdgeHealth,
     /// Bearer tokens for the admin endpoints (`/admin/purge` needs the admin scope), on
     /// nodes without an `[app]` section to declare them. Applies live.
     pub tokens: Vec<TokenConfig>,
@@ -77,7 +79,38 @@ impl Default for EdgeConfig {
             heuristic_fraction: 0.1,
             heuristic_max: Dur::secs(86_400),
             http: HttpLimits::default(),
+            health: EdgeHealth::default(),
             tokens: Vec::new(),
+        }
+    }
+}
+
+/// `[edge.health]`: active probes, on top of the passive skipping of an origin that fails
+/// a request. An origin whose probes fail `fall` times in a row takes no requests until
+/// `rise` probes in a row succeed (a probe succeeds when `GET path` answers below 500).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeHealth {
+    /// Path probed; empty (the default) turns active checks off.
+    pub path: String,
+    /// Time between probes of one origin.
+    pub interval: Dur,
+    /// Time a probe may take.
+    pub timeout: Dur,
+    /// Successes in a row that bring an origin back.
+    pub rise: u32,
+    /// Failures in a row that take an origin out.
+    pub fall: u32,
+}
+
+impl Default for EdgeHealth {
+    fn default() -> Self {
+        EdgeHealth {
+            path: String::new(),
+            interval: Dur::secs(2),
+            timeout: Dur::secs(1),
+            rise: 2,
+            fall: 2,
         }
     }
 }
@@ -147,6 +180,21 @@ impl EdgeConfig {
             if d.get().is_zero() {
                 return Err(ConfigError::invalid(path, field, "must be more than 0"));
             }
+        }
+        let h = &self.health;
+        if !h.path.is_empty() && !h.path.starts_with('/') {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.health.path",
+                "must start with / (or be empty to turn probes off)",
+            ));
+        }
+        if h.interval.get().is_zero() || h.timeout.get().is_zero() || h.rise == 0 || h.fall == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.health",
+                "interval and timeout must be more than 0, rise and fall at least 1",
+            ));
         }
         if self.http.max_connections == 0 {
             return Err(ConfigError::invalid(

@@ -74,6 +74,7 @@ struct Live {
     purge_method: bool,
     coalesce_wait: Duration,
     stale_if_unreachable: u64,
+    health: crate::config::edge::EdgeHealth,
 }
 
 impl Live {
@@ -89,6 +90,7 @@ impl Live {
             purge_method: cfg.purge_method,
             coalesce_wait: cfg.coalesce_wait.get(),
             stale_if_unreachable: cfg.stale_if_unreachable.get().as_secs(),
+            health: cfg.health.clone(),
         }
     }
 }
@@ -183,6 +185,28 @@ impl Edge {
         self.live.store(Arc::new(prepared.live));
         if let (Some(cfg), Some(slot)) = (prepared.tls, &self.tls) {
             slot.store(cfg);
+        }
+    }
+
+    /// Probes the origins every `health.interval` while `health.path` is set (re-read
+    /// each round, so reload turns probes on, off or elsewhere), until shutdown.
+    pub async fn run_health(self: Arc<Self>, mut shutdown: crate::http::server::Shutdown) {
+        loop {
+            let live = self.live.load_full();
+            let interval = if live.health.path.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                tokio::select! {
+                    _ = live.upstreams.probe_all(&live.health) => {}
+                    _ = crate::http::server::wait_for(&mut shutdown) => return,
+                }
+                live.health.interval.get()
+            };
+            drop(live);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = crate::http::server::wait_for(&mut shutdown) => return,
+            }
         }
     }
 
