@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod date;
 pub mod problem;
 pub mod server;
