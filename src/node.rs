@@ -105,6 +105,13 @@ impl Running {
             },
             _ => None,
         };
+        let edge = match (&self.edge, &new.edge) {
+            (Some(e), Some(cfg)) => match e.prepare(cfg) {
+                Ok(p) => Some(p),
+                Err(e) => return refused(e.to_string()),
+            },
+            _ => None,
+        };
         let restart: Vec<String> = config::restart_required(&old, &new)
             .into_iter()
             .map(str::to_owned)
@@ -116,8 +123,8 @@ impl Running {
         if let (Some(b), Some(p)) = (&self.balancer, balancer) {
             b.apply(p);
         }
-        if let (Some(edge), Some(cfg)) = (&self.edge, &new.edge) {
-            edge.apply(cfg);
+        if let (Some(e), Some(p)) = (&self.edge, edge) {
+            e.apply(p);
         }
         let version = config::version(&new);
         self.live.store(new);
@@ -309,10 +316,20 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             admin.set_purger(move |url, prefix| purger.purge(url, prefix));
             let listener = bind("edge", edge_cfg.listen).await?;
             let addr = listener.local_addr().unwrap_or(edge_cfg.listen);
+            let tls = edge.tls();
             println!(
-                "strata: edge listening on http://{addr} (caching {})",
+                "strata: edge listening on {}://{addr} (caching {})",
+                if tls.is_some() { "https" } else { "http" },
                 edge_cfg.upstreams.join(", ")
             );
+            tasks.spawn({
+                let e = edge.clone();
+                let stop = stop_rx.clone();
+                async move {
+                    e.run_health(stop).await;
+                    0
+                }
+            });
             let served = edge.clone();
             let limits = edge_cfg.http.clone();
             let stop = stop_rx.clone();
@@ -321,7 +338,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                     "edge",
                     listener,
                     &limits,
-                    None,
+                    tls,
                     move |peer| {
                         let edge = served.clone();
                         hyper::service::service_fn(move |req| edge.clone().handle(req, peer))

@@ -139,8 +139,8 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         if a.listen != b.listen {
             changed.push("edge.listen");
         }
-        if a.tls != b.tls {
-            changed.push("edge.tls");
+        if a.tls.is_some() != b.tls.is_some() {
+            changed.push("edge.tls (switching TLS on or off)");
         }
         if a.http != b.http {
             changed.push("edge.http");
