@@ -79,8 +79,6 @@ struct Running {
     app: Option<Arc<App>>,
     balancer: Option<Arc<Balancer>>,
     edge: Option<Arc<crate::edge::Edge>>,
-    /// The edge listener's certificates, swapped on reload.
-    edge_tls: Option<server::Tls>,
 }
 
 impl Running {
@@ -118,13 +116,10 @@ impl Running {
             },
             _ => None,
         };
-        let edge_tls = match (
-            &self.edge_tls,
-            new.edge.as_ref().and_then(|e| e.tls.as_ref()),
-        ) {
-            (Some(_), Some(t)) => match edge_tls_config(t) {
-                Ok(c) => Some(c),
-                Err(e) => return refused(format!("edge.tls: {e}")),
+        let edge = match (&self.edge, &new.edge) {
+            (Some(e), Some(cfg)) => match e.prepare(cfg) {
+                Ok(p) => Some(p),
+                Err(e) => return refused(e.to_string()),
             },
             _ => None,
         };
@@ -148,11 +143,8 @@ impl Running {
         if let (Some(b), Some(p)) = (&self.balancer, balancer) {
             b.apply(p);
         }
-        if let (Some(edge), Some(cfg)) = (&self.edge, &new.edge) {
-            edge.apply(cfg);
-        }
-        if let (Some(live), Some(c)) = (&self.edge_tls, edge_tls) {
-            live.store(c);
+        if let (Some(e), Some(p)) = (&self.edge, edge) {
+            e.apply(p);
         }
         if let (Some(repl), Some(cfg)) = (&self.storage, &new.storage) {
             repl.apply(cfg);
@@ -204,6 +196,10 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         config.node.name,
         config.roles().join(", ")
     );
+    if let Some(e) = &engine {
+        let e = e.clone();
+        admin.set_backup(Box::new(move || crate::storage::backup::spawn(e.clone())));
+    }
     if let (Some(st), Some(e)) = (&config.storage, &engine) {
         let secret = cluster_secret(&config)?;
         let server = StorageServer::new(st, e.clone(), &secret, &config.node.name)?;
@@ -342,27 +338,28 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         }
         None => None,
     };
-    let mut edge_tls = None;
     let edge = match &config.edge {
         Some(edge_cfg) => {
-            let tls = match &edge_cfg.tls {
-                Some(t) => Some(Arc::new(ArcSwap::new(
-                    edge_tls_config(t).map_err(crate::balancer::BalancerError::from)?,
-                ))),
-                None => None,
-            };
-            edge_tls = tls.clone();
             let edge = crate::edge::Edge::new(edge_cfg, &metrics)?;
             admin.add_component(edge.clone());
             let purger = edge.clone();
             admin.set_purger(move |url, prefix| purger.purge(url, prefix));
             let listener = bind("edge", edge_cfg.listen).await?;
             let addr = listener.local_addr().unwrap_or(edge_cfg.listen);
+            let tls = edge.tls();
             println!(
                 "strata: edge listening on {}://{addr} (caching {})",
                 if tls.is_some() { "https" } else { "http" },
                 edge_cfg.upstreams.join(", ")
             );
+            tasks.spawn({
+                let e = edge.clone();
+                let stop = stop_rx.clone();
+                async move {
+                    e.run_health(stop).await;
+                    0
+                }
+            });
             let served = edge.clone();
             let limits = edge_cfg.http.clone();
             let stop = stop_rx.clone();
@@ -400,7 +397,6 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         app,
         balancer,
         edge,
-        edge_tls,
     });
     let reloader = running.clone();
     admin.set_reloader(move || reloader.reload());
@@ -408,7 +404,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     let admin_listener = bind("admin", config.node.admin).await?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.node.admin);
     println!(
-        "strata: admin listening on http://{admin_addr} (/healthz /readyz /metrics /admin/status)"
+        "strata: admin listening on http://{admin_addr} (/healthz /readyz /metrics /admin/status; dashboard at /admin/)"
     );
     if let Some(e) = &engine {
         println!(
@@ -458,17 +454,6 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The edge's TLS settings as a server config (ALPN h2 + http/1.1, like the balancer's).
-fn edge_tls_config(
-    t: &config::edge::EdgeTls,
-) -> Result<Arc<rustls::ServerConfig>, crate::balancer::tls::TlsError> {
-    crate::balancer::tls::server_config(&config::balancer::TlsConfig {
-        cert: t.cert.clone(),
-        key: t.key.clone(),
-        sni: Vec::new(),
-    })
 }
 
 /// The cluster secret as bytes; validation has made sure there is one.

@@ -204,13 +204,21 @@ fn record_headers(resp: &mut Response<Body>, record: &Record) {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Ok(v) = HeaderValue::from_str(&record.etag()) {
-        h.insert(header::ETAG, v);
-    }
-    let modified = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_millis(record.updated_ms));
-    if let Ok(v) = HeaderValue::from_str(&modified) {
-        h.insert(header::LAST_MODIFIED, v);
-    }
+    h.insert(header::ETAG, etag_header(record.lsn));
+    h.insert(
+        header::LAST_MODIFIED,
+        crate::http::date::http_date_header(record.updated_ms / 1000),
+    );
+}
+
+/// `"<lsn>"` as a header value, without going through `fmt` (every record read sends one).
+fn etag_header(lsn: u64) -> HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(lsn).as_bytes();
+    let mut buf = [b'"'; 22];
+    buf[1..=digits.len()].copy_from_slice(digits);
+    HeaderValue::from_bytes(&buf[..digits.len() + 2])
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
 /// Puts a write's consistency token on its response: the LSN in `Strata-LSN` (as

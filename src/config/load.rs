@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::model::Config;
+use super::model::{Config, Scope};
 use super::secrets;
 use super::storage::{StorageMode, StorageTarget};
 use super::units::Size;
@@ -179,6 +179,17 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
     }
     if let Some(edge) = &config.edge {
         edge.validate(path)?;
+        // Without an [app] the edge's tokens are the only ones: an exposed admin listener
+        // (purge, reload, status) must have one with the admin scope.
+        let edge_admin = edge.tokens.iter().any(|t| t.scopes.contains(&Scope::Admin));
+        if config.app.is_none() && !node.admin.ip().is_loopback() && !edge_admin {
+            return Err(ConfigError::invalid(
+                path,
+                "node.admin",
+                "the admin listener is on a non-loopback address but no [[edge.tokens]] entry \
+                 has the admin scope to protect it; add one or keep it on loopback",
+            ));
+        }
     }
     if config.roles().is_empty() {
         return Err(ConfigError::invalid(
@@ -387,6 +398,31 @@ mod tests {
             "[app]\nlisten = \"0.0.0.0:8080\"\nallow_anonymous = true\n",
         )
         .unwrap();
+        validate(Path::new("t"), &c).unwrap();
+    }
+
+    #[test]
+    fn an_exposed_edge_admin_needs_an_admin_token() {
+        let edge = "[edge]\nupstreams = [\"127.0.0.1:1\"]\n";
+        let exposed = format!("[node]\nadmin = \"0.0.0.0:9900\"\n{edge}");
+        let c = parse(Path::new("t"), &exposed).unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("node.admin") && e.contains("edge.tokens"), "{e}");
+        let read_only = format!(
+            "{exposed}[[edge.tokens]]\nname = \"r\"\nscopes = [\"read\"]\nvalue = \"0123456789abcdef\"\n"
+        );
+        let c = parse(Path::new("t"), &read_only).unwrap();
+        assert!(
+            validate(Path::new("t"), &c).is_err(),
+            "a read token does not protect admin"
+        );
+        let admin = format!(
+            "{exposed}[[edge.tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"0123456789abcdef\"\n"
+        );
+        let c = parse(Path::new("t"), &admin).unwrap();
+        validate(Path::new("t"), &c).unwrap();
+        // On loopback no token is needed.
+        let c = parse(Path::new("t"), edge).unwrap();
         validate(Path::new("t"), &c).unwrap();
     }
 
