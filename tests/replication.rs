@@ -712,11 +712,13 @@ fn failover_promote_replica_then_old_primary_rejoins_and_discards_its_tail() {
     let admin = replica.admin.to_string();
     let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
     assert!(ok, "{out}");
-    assert!(out.contains("\"epoch\": 2"), "{out}");
+    // Epochs are `term << 32 | node tag`: term 1, stamped by this replica.
+    let epoch2 = 1u64 << 32 | u64::from(strata::storage::replication::state::node_tag("replica"));
+    assert!(out.contains(&format!("\"epoch\": {epoch2}")), "{out}");
     let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
     assert!(!ok && out.contains("already the primary"), "{out}");
     let st = status(raddr).unwrap();
-    assert_eq!((st.role.as_str(), st.epoch), ("primary", 2));
+    assert_eq!((st.role.as_str(), st.epoch), ("primary", epoch2));
     let promoted_at = st.applied_lsn;
     assert!(
         old_last > promoted_at,
@@ -749,7 +751,7 @@ fn failover_promote_replica_then_old_primary_rejoins_and_discards_its_tail() {
         }
     }
     let st = o.repl().unwrap();
-    assert_eq!((st.role.as_str(), st.epoch), ("replica", 2));
+    assert_eq!((st.role.as_str(), st.epoch), ("replica", epoch2));
     // Every acknowledged write survived the failover.
     let mut lost = 0;
     for key in &acked {

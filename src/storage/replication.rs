@@ -393,7 +393,11 @@ impl Replication {
         }
         self.stop_follow.send_replace(true);
         let _gate = self.apply_gate.lock().await;
-        let epoch = self.engine.promote().await.map_err(|e| e.to_string())?;
+        let epoch = self
+            .engine
+            .promote(state::node_tag(&self.node))
+            .await
+            .map_err(|e| e.to_string())?;
         let lsn = self.engine.status().last_lsn;
         self.set_role(Role::Primary);
         if let Ok(mut l) = self.link.lock() {
