@@ -1160,3 +1160,52 @@ fn shipped_stage4_configs_are_valid() {
         );
     }
 }
+
+/// A storage-only node (no `[app]`) protects its admin endpoints with `[node]
+/// admin_tokens`: no token or a wrong one is refused and the replica stays a replica;
+/// `strata promote --token` with the right one promotes it.
+#[test]
+fn storage_only_admin_endpoints_need_the_node_admin_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(tmp.path(), "primary", 0, None, "", "");
+    let paddr = primary.storage.unwrap();
+    let tokens = "[[node.admin_tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"ops-token-0123456789\"\n";
+    let replica = start(tmp.path(), "replica", 0, Some(paddr), tokens, "");
+    let raddr = replica.storage.unwrap();
+    let admin = replica.admin.to_string();
+    for path in ["/admin/status", "/metrics"] {
+        let r = common::raw(
+            replica.admin,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        );
+        assert_eq!(common::raw_status(&r), Some(401), "{path}: {r}");
+    }
+    let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
+    assert!(!ok, "{out}");
+    let (ok, out) = strata_cmd(&[
+        "promote",
+        "--admin",
+        &admin,
+        "--token",
+        "wrong-token-0123456",
+    ]);
+    assert!(!ok, "{out}");
+    let st = status(raddr).unwrap();
+    assert_eq!(st.role, "replica", "refused promotions change nothing");
+    let r = common::raw(
+        replica.admin,
+        b"GET /admin/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ops-token-0123456789\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(common::raw_status(&r), Some(200), "{r}");
+    let (ok, out) = strata_cmd(&[
+        "promote",
+        "--admin",
+        &admin,
+        "--token",
+        "ops-token-0123456789",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(status(raddr).unwrap().role, "primary");
+}
