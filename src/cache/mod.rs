@@ -36,7 +36,7 @@ use quick_cache::sync::Cache as Backend;
 use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use flight::Loaded;
+pub use flight::{Fill, Loaded};
 pub use stats::CacheStats;
 pub use weigh::Weigh;
 
