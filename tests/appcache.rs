@@ -251,6 +251,27 @@ async fn data_api_suite_with_the_cache_on() {
     common::suite::all(&embedded.url(), 64 << 10).await;
     let st = admin_status(&embedded).await;
     assert!(app_cache(&st)["hits"].as_u64().unwrap() > 0, "{st}");
+    assert!(app_cache(&st)["bytes"].as_u64().unwrap() > 0, "{st}");
+
+    // Live resize on reload: the new bound is in force at once.
+    let text = std::fs::read_to_string(&embedded.config).unwrap();
+    std::fs::write(
+        &embedded.config,
+        text.replace("max_bytes = \"8MiB\"", "max_bytes = \"16KiB\""),
+    )
+    .unwrap();
+    let r = common::client()
+        .post(format!("http://{}/admin/reload", embedded.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let st = admin_status(&embedded).await;
+    assert_eq!(app_cache(&st)["capacity_bytes"], json!(16 << 10), "{st}");
+    assert!(
+        app_cache(&st)["bytes"].as_u64().unwrap() <= 16 << 10,
+        "{st}"
+    );
 }
 
 /// The feed to app A goes through a fault proxy that starts swallowing everything (a
@@ -423,4 +444,24 @@ fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS");
     kb * 1024
+}
+
+#[test]
+fn shipped_stage5_configs_are_valid() {
+    for file in ["primary.toml", "replica.toml", "app-a.toml", "app-b.toml"] {
+        let path = format!("{}/config/stage5/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(common::bin())
+            .args(["check", "--config", &path])
+            .env(
+                "STRATA_CLUSTER_SECRET",
+                "an-example-secret-of-32-characters",
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -88,3 +88,47 @@ impl AppCacheConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_refuses_what_cannot_work() {
+        let p = Path::new("t");
+        let ok = AppCacheConfig::default();
+        assert!(ok.validate(p, true).is_ok());
+        let follow = AppCacheConfig {
+            follow: Some("10.0.0.5:7000".into()),
+            ..ok.clone()
+        };
+        assert!(follow.validate(p, false).is_ok());
+        let e = follow.validate(p, true).unwrap_err().to_string();
+        assert!(e.contains("app.cache.follow"), "{e}");
+        let bad = AppCacheConfig {
+            follow: Some("nohost".into()),
+            ..ok.clone()
+        };
+        assert!(bad.validate(p, false).is_err());
+        let zero = AppCacheConfig {
+            max_staleness: Dur::secs(0),
+            ..ok.clone()
+        };
+        assert!(zero.validate(p, true).is_err());
+        let ttl = AppCacheConfig {
+            ttl: Some(Dur::secs(0)),
+            ..ok
+        };
+        assert!(ttl.validate(p, true).is_err());
+    }
+
+    #[test]
+    fn parses_from_toml_with_defaults() {
+        let c: AppCacheConfig =
+            toml::from_str("max_bytes = \"1MiB\"\nmax_staleness = \"500ms\"").unwrap();
+        assert_eq!(c.max_bytes.bytes(), 1 << 20);
+        assert_eq!(c.max_staleness.get(), std::time::Duration::from_millis(500));
+        assert_eq!(c.negative_ttl, Dur::secs(5));
+        assert!(toml::from_str::<AppCacheConfig>("max_byte = 1").is_err());
+    }
+}
