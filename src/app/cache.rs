@@ -245,7 +245,7 @@ impl RecordCache {
                         read_lsn,
                     })
                 };
-                let (value, fill) = self.cache.get_or_load_traced(key.clone(), load).await?;
+                let (value, fill) = self.cache.get_or_load_traced(&key, load).await?;
                 let status = match fill {
                     Fill::Hit => "strata; hit",
                     Fill::Loaded { stored: true } => "strata; fwd=miss; stored",

@@ -50,21 +50,22 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Loaded<V>, E>>,
     {
-        Ok(self.get_or_load_traced(key, load).await?.0)
+        Ok(self.get_or_load_traced(&key, load).await?.0)
     }
 
     /// [`get_or_load`](Self::get_or_load), also saying how the answer came about, for
     /// callers that report it (the app's `Cache-Status` header).
+    /// Takes the key by reference so that a hit clones nothing but the value.
     pub async fn get_or_load_traced<F, Fut, E>(
         &self,
-        key: K,
+        key: &K,
         load: F,
     ) -> Result<(Option<V>, Fill), E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Loaded<V>, E>>,
     {
-        match self.get(&key) {
+        match self.get(key) {
             Lookup::Hit(v) => return Ok((Some(v), Fill::Hit)),
             Lookup::Absent => return Ok((None, Fill::Hit)),
             Lookup::Miss => {}
@@ -75,7 +76,7 @@ where
         let run = async {
             let _leave = LeaveOnDrop {
                 flights: &self.flights,
-                key: &key,
+                key,
                 cell: &cell,
             };
             bump(&self.counters.loads);

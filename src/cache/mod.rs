@@ -399,7 +399,8 @@ where
             Ok(()) => 0,
             Err(gate::StaleAt(n)) => n,
         };
-        if let Some(existing) = self.backend.peek(&key) {
+        let existing = self.backend.peek(&key);
+        if let Some(existing) = &existing {
             if existing.read_lsn > read_lsn {
                 needed = needed.max(existing.read_lsn);
             }
@@ -417,6 +418,11 @@ where
         self.backend.insert(key, slot);
         drop(stripe);
         bump(&self.counters.inserts);
+        if existing.is_some() {
+            // The backend reports the replaced value through its eviction hook; it was
+            // not evicted, so take it back out of the count.
+            bump(&self.counters.replaced);
+        }
         Ok(())
     }
 

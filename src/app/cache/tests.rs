@@ -66,7 +66,7 @@ async fn stale_set_race_through_single_flight_is_refused() {
         tokio::spawn(async move {
             cache
                 .cache
-                .get_or_load_traced(key.clone(), || async {
+                .get_or_load_traced(&key, || async {
                     let (record, read_lsn) = store
                         .read_at(&key, ReadConsistency::Any)
                         .await
