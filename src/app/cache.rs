@@ -119,10 +119,18 @@ pub fn decide(consistency: ReadConsistency, feed: FeedView, max_staleness: Durat
     }
 }
 
-/// `Cache-Status` values, made once.
-fn status_value(s: &'static str) -> HeaderValue {
-    HeaderValue::from_static(s)
-}
+/// `Cache-Status` values (RFC 9211). `from_static` is a `const fn`: each value is checked
+/// at compile time, not on every response.
+const HIT: HeaderValue = HeaderValue::from_static("strata; hit");
+const MISS_STORED: HeaderValue = HeaderValue::from_static("strata; fwd=miss; stored");
+const MISS: HeaderValue = HeaderValue::from_static("strata; fwd=miss");
+const COLLAPSED: HeaderValue = HeaderValue::from_static("strata; fwd=miss; collapsed");
+const FEED_STALE: HeaderValue = HeaderValue::from_static("strata; fwd=bypass; detail=feed-stale");
+const REQUESTED: HeaderValue = HeaderValue::from_static("strata; fwd=request");
+const REQUESTED_STORED: HeaderValue = HeaderValue::from_static("strata; fwd=request; stored");
+const TOKEN_AHEAD: HeaderValue = HeaderValue::from_static("strata; fwd=bypass; detail=token-ahead");
+const TOKEN_AHEAD_STORED: HeaderValue =
+    HeaderValue::from_static("strata; fwd=bypass; stored; detail=token-ahead");
 
 /// The feed's live state, written by the feed task, read by every request.
 struct Feed {
@@ -247,56 +255,38 @@ impl RecordCache {
                 };
                 let (value, fill) = self.cache.get_or_load_traced(&key, load).await?;
                 let status = match fill {
-                    Fill::Hit => "strata; hit",
-                    Fill::Loaded { stored: true } => "strata; fwd=miss; stored",
-                    Fill::Loaded { stored: false } => "strata; fwd=miss",
-                    Fill::Joined => "strata; fwd=miss; collapsed",
+                    Fill::Hit => HIT,
+                    Fill::Loaded { stored: true } => MISS_STORED,
+                    Fill::Loaded { stored: false } => MISS,
+                    Fill::Joined => COLLAPSED,
                 };
-                Ok((value, status_value(status)))
+                Ok((value, status))
             }
             // A token read the feed has reached: the cache answers, but a miss reads with
             // the token itself rather than joining another read's flight, which may be
             // reading a replica that is behind the token.
             Decision::Use => match self.cache.get(&key) {
-                Lookup::Hit(v) => Ok((Some(v), status_value("strata; hit"))),
-                Lookup::Absent => Ok((None, status_value("strata; hit"))),
+                Lookup::Hit(v) => Ok((Some(v), HIT)),
+                Lookup::Absent => Ok((None, HIT)),
                 Lookup::Miss => {
                     let (value, stored) = self.read_and_fill(store, key, consistency).await?;
-                    let status = if stored {
-                        "strata; fwd=miss; stored"
-                    } else {
-                        "strata; fwd=miss"
-                    };
-                    Ok((value, status_value(status)))
+                    let status = if stored { MISS_STORED } else { MISS };
+                    Ok((value, status))
                 }
             },
             Decision::Bypass(Bypass::FeedStale) => {
                 bump(&self.bypasses.feed_stale);
                 let (record, _) = store.read_at(&key, consistency).await?;
-                Ok((
-                    record.map(CachedRecord::new),
-                    status_value("strata; fwd=bypass; detail=feed-stale"),
-                ))
+                Ok((record.map(CachedRecord::new), FEED_STALE))
             }
             Decision::Bypass(why) => {
                 let (counter, plain, stored_status) = match why {
-                    Bypass::Requested => (
-                        &self.bypasses.requested,
-                        "strata; fwd=request",
-                        "strata; fwd=request; stored",
-                    ),
-                    _ => (
-                        &self.bypasses.token_ahead,
-                        "strata; fwd=bypass; detail=token-ahead",
-                        "strata; fwd=bypass; stored; detail=token-ahead",
-                    ),
+                    Bypass::Requested => (&self.bypasses.requested, REQUESTED, REQUESTED_STORED),
+                    _ => (&self.bypasses.token_ahead, TOKEN_AHEAD, TOKEN_AHEAD_STORED),
                 };
                 bump(counter);
                 let (value, stored) = self.read_and_fill(store, key, consistency).await?;
-                Ok((
-                    value,
-                    status_value(if stored { stored_status } else { plain }),
-                ))
+                Ok((value, if stored { stored_status } else { plain }))
             }
         }
     }

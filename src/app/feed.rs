@@ -222,11 +222,15 @@ async fn follow_once(
             after_lsn,
             resumed,
         } => {
-            if !resumed {
+            if !resumed && cache.feed_position().1 != 0 {
                 tracing::info!(source = %remote.addr, after_lsn, "cache feed could not resume exactly; cache emptied");
             }
             cache.feed_started(epoch, after_lsn, resumed);
-            cache.feed_source_at(after_lsn);
+            if !resumed {
+                // A fresh start is at the source's end: caught up now. A resumed one is
+                // caught up only once the backlog (or a heartbeat) says so.
+                cache.feed_source_at(after_lsn);
+            }
         }
         Message::Refused { reason } => return Err(ConnError::Refused(reason)),
         _ => {
