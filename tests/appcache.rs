@@ -465,3 +465,56 @@ fn shipped_stage5_configs_are_valid() {
         );
     }
 }
+
+/// App A follows a replica's feed; the replica loses its primary. A counts the replica's
+/// own lag against `max_staleness`: a write it cannot see through the replica is served
+/// from storage (the primary) within the bound, not hidden by the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_feed_counts_the_replicas_lag() {
+    let root = tempfile::tempdir().unwrap();
+    let primary = start_storage(root.path(), "primary", None);
+    let p = primary.storage.unwrap();
+    let proxy = FaultProxy::start(p, 0);
+    let replica = start_storage(root.path(), "replica", Some(proxy.addr));
+    let r = replica.storage.unwrap();
+    let max_staleness = Duration::from_millis(800);
+    let a = start_app(
+        root.path(),
+        "app-a",
+        &format!("primary = \"{p}\""),
+        "",
+        Some(&format!(
+            "max_staleness = \"{}ms\"\nfollow = \"{r}\"",
+            max_staleness.as_millis()
+        )),
+    );
+    let b = start_app(root.path(), "app-b", &format!("primary = \"{p}\""), "", None);
+    let key = "/api/v1/lag/k";
+    let lsn = put(&format!("{}{key}", b.url()), json!({"v": 1})).await;
+    feed_reaches(&a, lsn).await;
+    wait_until("A to cache v1", Duration::from_secs(10), || async {
+        get(&format!("{}{key}", a.url()), None).await.2 == "strata; hit"
+    })
+    .await;
+
+    proxy.set(Fault::Drop); // the replica is cut off from the primary
+    let cut_at = Instant::now();
+    put(&format!("{}{key}", b.url()), json!({"v": 2})).await;
+    loop {
+        let (_, v, cs) = get(&format!("{}{key}", a.url()), None).await;
+        if v["v"] == json!(2) {
+            assert!(cs.contains("feed-stale"), "{cs}");
+            break;
+        }
+        assert_eq!(v["v"], json!(1), "only the old or the new value");
+        assert!(
+            cut_at.elapsed() < max_staleness + Duration::from_secs(3),
+            "A hid the write behind its cache for {:?}",
+            cut_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = admin_status(&a).await;
+    assert_eq!(app_cache(&st)["feed"]["connected"], json!(true), "{st}");
+    assert_eq!(app_cache(&st)["feed"]["trusted"], json!(false), "{st}");
+}

@@ -363,13 +363,19 @@ impl RecordCache {
         self.feed.applied_lsn.fetch_max(lsn, Ordering::AcqRel);
     }
 
-    /// The source says it is at `source_lsn`; if the feed has applied that far, it is
-    /// caught up as of now.
-    pub fn feed_source_at(&self, source_lsn: u64) {
+    /// The source says it is at `source_lsn` and `source_lag` behind the primary; if the
+    /// feed has applied that far, the cache is current as of `source_lag` ago (with a
+    /// primary as the source: now).
+    pub fn feed_source_at(&self, source_lsn: u64, source_lag: Duration) {
         self.feed.source_lsn.store(source_lsn, Ordering::Relaxed);
-        if self.feed.applied_lsn.load(Ordering::Acquire) >= source_lsn {
-            let now = nanos(self.feed.base.elapsed()).max(1);
-            self.feed.live_at.store(now, Ordering::Release);
+        if self.feed.applied_lsn.load(Ordering::Acquire) < source_lsn {
+            return;
+        }
+        // A lag longer than this process has run reads as "not caught up" (no update).
+        if let Some(at) = self.feed.base.elapsed().checked_sub(source_lag) {
+            self.feed
+                .live_at
+                .fetch_max(nanos(at).max(1), Ordering::AcqRel);
         }
     }
 

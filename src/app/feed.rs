@@ -109,7 +109,7 @@ async fn follow_local(engine: Arc<Engine>, cache: Arc<RecordCache>, mut shutdown
                 }
             }
         }
-        cache.feed_source_at(durable);
+        cache.feed_source_at(durable, Duration::ZERO);
         tokio::select! {
             r = durable_rx.changed() => if r.is_err() { break },
             _ = wait_for(&mut shutdown) => break,
@@ -226,11 +226,8 @@ async fn follow_once(
                 tracing::info!(source = %remote.addr, after_lsn, "cache feed could not resume exactly; cache emptied");
             }
             cache.feed_started(epoch, after_lsn, resumed);
-            if !resumed {
-                // A fresh start is at the source's end: caught up now. A resumed one is
-                // caught up only once the backlog (or a heartbeat) says so.
-                cache.feed_source_at(after_lsn);
-            }
+            // Caught up only once the backlog or the first heartbeat says so (with the
+            // source's own lag behind the primary).
         }
         Message::Refused { reason } => return Err(ConnError::Refused(reason)),
         _ => {
@@ -242,6 +239,7 @@ async fn follow_once(
         match read(&mut fr, silence).await? {
             Message::FeedChanges {
                 source_lsn,
+                source_lag_ms,
                 changes,
             } => {
                 let (mut expect, _) = cache.feed_position();
@@ -255,9 +253,8 @@ async fn follow_once(
                     cache.feed_apply(*lsn, keys);
                     expect = *lsn;
                 }
-                cache.feed_source_at(source_lsn);
+                cache.feed_source_at(source_lsn, Duration::from_millis(source_lag_ms));
             }
-            Message::Heartbeat { primary_lsn } => cache.feed_source_at(primary_lsn),
             Message::Refused { reason } => return Err(ConnError::Refused(reason)),
             _ => {
                 return Err(protocol::ProtocolError::Unexpected(

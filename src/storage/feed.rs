@@ -7,8 +7,8 @@
 //!   ◀───────────────────────────── Welcome
 //!   ── FeedSubscribe{after, epoch} ───────▶   plan(): resume exactly, or start at the end
 //!   ◀── FeedStart{epoch, after, resumed}
-//!   ◀── FeedChanges{source_lsn, [(lsn, keys)]} ...   woken by the engine's durable-LSN watch
-//!   ◀── Heartbeat{source_lsn}                         when idle
+//!   ◀── FeedChanges{source_lsn, source_lag, [(lsn, keys)]} ...   woken by new durable entries
+//!   ◀── FeedChanges{source_lsn, source_lag, []}                  when idle (heartbeat)
 //! ```
 //!
 //! Keys only: values never cross this link, so a feed costs the source a log read and a
@@ -90,8 +90,12 @@ pub fn read_from(engine: &Engine, next: u64) -> Result<Option<Vec<LogEntry>>, Co
 
 /// Serves one authenticated `Purpose::Feed` connection until the subscriber leaves, the
 /// feed cannot continue exactly, or `shutdown`.
+///
+/// `source_lag` says how far this node is behind the primary (a replica's replication lag;
+/// zero on a primary); it is sent with every batch and heartbeat.
 pub async fn serve(
     engine: std::sync::Arc<Engine>,
+    source_lag: impl Fn() -> Duration,
     fr: FrameReader<BoxStream>,
     frame_timeout: Duration,
     mut shutdown: Shutdown,
@@ -159,6 +163,7 @@ pub async fn serve(
                 next = last.lsn + 1;
                 let msg = Message::FeedChanges {
                     source_lsn: durable,
+                    source_lag_ms: millis(source_lag()),
                     changes: changes(&entries),
                 };
                 write(&mut wr, &msg, frame_timeout).await?;
@@ -175,11 +180,19 @@ pub async fn serve(
                 Err(e) => return Err(e),
             },
             _ = tokio::time::sleep(heartbeat) => {
-                let msg = Message::Heartbeat { primary_lsn: durable };
+                let msg = Message::FeedChanges {
+                    source_lsn: durable,
+                    source_lag_ms: millis(source_lag()),
+                    changes: Vec::new(),
+                };
                 write(&mut wr, &msg, frame_timeout).await?;
             }
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn write(

@@ -425,9 +425,13 @@ pub enum Message {
     },
     /// Storage → app: consecutive log entries as `(lsn, changed keys)`, oldest first.
     FeedChanges {
-        /// The source's durable LSN when the batch was read; with Heartbeat's, what tells
-        /// the app it has caught up.
+        /// The source's durable LSN when the batch was read: the app has caught up with
+        /// the source once it has applied this far. Sent with no changes as the heartbeat.
         source_lsn: u64,
+        /// How far the source itself is behind the primary, in milliseconds (0 on the
+        /// primary; a replica's replication lag), so an app following a replica counts
+        /// that lag against its `max_staleness` too.
+        source_lag_ms: u64,
         /// `(lsn, ["collection/id", ...])` per log entry.
         changes: Vec<(u64, Vec<String>)>,
     },

@@ -234,8 +234,17 @@ impl StorageServer {
         }
         if purpose == Purpose::Feed {
             tracing::debug!(%peer, "change feed subscriber authenticated");
+            let repl = self.repl.clone();
+            // Only a replica lags; a primary skips the status (and its disk-size call).
+            let lag = move || match repl.role() {
+                super::replication::Role::Replica { .. } => {
+                    Duration::from_millis(repl.wire_status().lag_ms)
+                }
+                _ => Duration::ZERO,
+            };
             return super::feed::serve(
                 self.engine.clone(),
+                lag,
                 fr,
                 self.limits.frame_timeout,
                 shutdown,
