@@ -488,7 +488,13 @@ async fn a_replica_feed_counts_the_replicas_lag() {
             max_staleness.as_millis()
         )),
     );
-    let b = start_app(root.path(), "app-b", &format!("primary = \"{p}\""), "", None);
+    let b = start_app(
+        root.path(),
+        "app-b",
+        &format!("primary = \"{p}\""),
+        "",
+        None,
+    );
     let key = "/api/v1/lag/k";
     let lsn = put(&format!("{}{key}", b.url()), json!({"v": 1})).await;
     feed_reaches(&a, lsn).await;
