@@ -9,9 +9,9 @@
 //! | [`config`] | the TOML model, loading with file:line:col errors, secrets, live copy |
 //! | [`node`] | starting the roles a config names; reload on SIGHUP; ordered shutdown |
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
-//! | [`app`] | the app role: routing, data API handlers, static files |
+//! | [`app`] | the app role: routing, data API handlers, static files, the coherent record cache and its change feed |
 //! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine, the storage server and its client, backups |
-//! | [`tls`] | rustls server and client configs from PEM files (storage links; later the edge) |
+//! | [`tls`] | rustls server and client configs from PEM files (storage links, balancer and edge listeners) |
 //! | [`edge`] | the edge role: RFC 9111 HTTP cache, Vary-keyed object store, coalescing, purge |
 //! | [`cache`] | the byte-bounded, LSN-gated, scan-resistant cache the app and edge roles share |
 //! | [`balancer`] | the balancer role: backend pool, pick policies, health, retry budget, TLS |

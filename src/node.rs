@@ -65,6 +65,9 @@ pub enum NodeError {
     /// The edge role could not be built.
     #[error(transparent)]
     Edge(#[from] crate::edge::EdgeError),
+    /// The app's record cache or its change feed could not be set up.
+    #[error(transparent)]
+    AppCache(#[from] crate::app::feed::FeedError),
 }
 
 /// The parts of a running node that reload touches.
@@ -265,12 +268,31 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                 )),
                 None => None,
             };
+            let cache = match (&app_cfg.cache, &app_cfg.storage, &store) {
+                (None, _, _) => None,
+                (Some(c), _, Store::Embedded(e)) => Some(crate::app::feed::start_embedded(
+                    c,
+                    e.clone(),
+                    stop_rx.clone(),
+                )?),
+                (Some(c), StorageTarget::Remote(remote), _) => {
+                    let secret = cluster_secret(&config)?;
+                    Some(crate::app::feed::start_following(
+                        c,
+                        remote,
+                        &secret,
+                        stop_rx.clone(),
+                    )?)
+                }
+                (Some(_), StorageTarget::Embedded, Store::Remote(_)) => None,
+            };
             let app = App::new(
                 store,
                 static_files,
                 AppSettings::from_config(&config, app_cfg)?,
                 tokens.clone(),
                 metrics.clone(),
+                cache,
             );
             admin.add_component(app.clone());
             let listener = bind("app", app_cfg.listen).await?;

@@ -11,16 +11,55 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::cache::{CachedRecord, RecordCache, CACHE_STATUS};
 use super::AppSettings;
 use crate::http::body::{self, Body};
 use crate::http::problem::Problem;
 use crate::storage::{
-    Committed, Key, KeyError, ListQuery, Precondition, ReadConsistency, Record, Store, StoreError,
-    Write, WriteOp,
+    Committed, Key, KeyError, ListPage, ListQuery, Precondition, ReadConsistency, Record, Store,
+    StoreError, Write, WriteOp,
 };
 
 /// Header carrying a write's LSN: the consistency token read replicas will honour.
 pub const LSN_HEADER: &str = "strata-lsn";
+
+/// Storage as the handlers see it: the store, and the app's record cache when it is on.
+/// Writes go through [`Data::write`], which drops the written keys from the cache once
+/// storage acknowledges them, so this app never serves its own stale copy.
+pub struct Data<'a> {
+    /// Where records live.
+    pub store: &'a Store,
+    /// The coherent record cache (`[app.cache]`), if configured.
+    pub cache: Option<&'a RecordCache>,
+}
+
+impl Data<'_> {
+    /// Applies a batch; on success drops its keys from the cache at the batch's LSN.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<Committed, StoreError> {
+        let Some(cache) = self.cache else {
+            return self.store.write(writes).await;
+        };
+        let keys: Vec<Key> = writes.iter().map(|w| w.key.clone()).collect();
+        let committed = self.store.write(writes).await?;
+        cache.invalidate_written(&keys, committed.lsn);
+        Ok(committed)
+    }
+
+    /// Reads the newest state from the primary (read-modify-write paths); never cached.
+    pub async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        self.store.get(key).await
+    }
+
+    /// Lists a collection (listings are not cached).
+    pub async fn list_with(
+        &self,
+        collection: &str,
+        query: &ListQuery,
+        consistency: ReadConsistency,
+    ) -> Result<ListPage, StoreError> {
+        self.store.list_with(collection, query, consistency).await
+    }
+}
 
 /// The outcome of a handler: a response, or a problem to send instead.
 pub type ApiResult = Result<Response<Body>, Box<Problem>>;
@@ -279,9 +318,11 @@ pub fn read_consistency(headers: &HeaderMap, query: Option<&str>) -> ReadConsist
     }
 }
 
-/// GET/HEAD of one record.
+/// GET/HEAD of one record: from the app cache when it is on and may answer (see
+/// [`super::cache`]), else from storage. With the cache on, every answer (404 included)
+/// carries `Cache-Status`.
 pub async fn get_record(
-    store: &Store,
+    data: &Data<'_>,
     method: &Method,
     headers: &HeaderMap,
     query: Option<&str>,
@@ -289,17 +330,44 @@ pub async fn get_record(
     id: &str,
 ) -> ApiResult {
     let key = Key::new(collection, id).map_err(bad_key)?;
-    let record = store
-        .read(&key, read_consistency(headers, query))
-        .await
-        .map_err(storage_problem)?
-        .ok_or_else(|| problem(StatusCode::NOT_FOUND, format!("no record {key}")))?;
-    if not_modified(headers, &record) {
+    let consistency = read_consistency(headers, query);
+    let (found, cache_status) = match data.cache {
+        Some(cache) => {
+            let (found, status) = cache
+                .read(data.store, key.clone(), consistency)
+                .await
+                .map_err(storage_problem)?;
+            (found, Some(status))
+        }
+        None => (
+            data.store
+                .read(&key, consistency)
+                .await
+                .map_err(storage_problem)?
+                .map(CachedRecord::new),
+            None,
+        ),
+    };
+    let mut resp = match found {
+        Some(cached) => record_response(method, headers, &cached),
+        None => problem(StatusCode::NOT_FOUND, format!("no record {key}")).into_response(),
+    };
+    if let Some(status) = cache_status {
+        resp.headers_mut().insert(CACHE_STATUS, status);
+    }
+    Ok(resp)
+}
+
+/// The 200 (or 304) answer for a record read.
+fn record_response(method: &Method, headers: &HeaderMap, cached: &CachedRecord) -> Response<Body> {
+    let record = &cached.record;
+    if not_modified(headers, record) {
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        record_headers(&mut resp, &record);
-        resp.headers_mut().remove(header::CONTENT_TYPE);
-        return Ok(resp);
+        let h = resp.headers_mut();
+        h.insert(header::ETAG, cached.etag.clone());
+        h.insert(header::LAST_MODIFIED, cached.last_modified.clone());
+        return resp;
     }
     let len = record.body.len();
     let mut resp = Response::new(if method == Method::HEAD {
@@ -307,10 +375,15 @@ pub async fn get_record(
     } else {
         body::full(record.body.clone())
     });
-    record_headers(&mut resp, &record);
-    resp.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    Ok(resp)
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ETAG, cached.etag.clone());
+    h.insert(header::LAST_MODIFIED, cached.last_modified.clone());
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
 }
 
 /// The response to a write of one record.
@@ -341,7 +414,7 @@ fn written(committed: &Committed, key: &Key, status_if_created: StatusCode) -> R
 
 /// PUT: create or replace.
 pub async fn put_record(
-    store: &Store,
+    store: &Data<'_>,
     settings: &AppSettings,
     headers: &HeaderMap,
     body: Incoming,
@@ -364,7 +437,7 @@ pub async fn put_record(
 
 /// POST to a collection: create with a server-made, time-ordered id (a ULID).
 pub async fn create_record(
-    store: &Store,
+    store: &Data<'_>,
     settings: &AppSettings,
     headers: &HeaderMap,
     body: Incoming,
@@ -392,7 +465,7 @@ const PATCH_ATTEMPTS: usize = 32;
 /// PATCH: JSON Merge Patch (RFC 7396), applied under optimistic concurrency so concurrent
 /// patches never lose each other's changes.
 pub async fn patch_record(
-    store: &Store,
+    store: &Data<'_>,
     settings: &AppSettings,
     headers: &HeaderMap,
     body: Incoming,
@@ -461,7 +534,7 @@ pub async fn patch_record(
 
 /// DELETE of one record.
 pub async fn delete_record(
-    store: &Store,
+    store: &Data<'_>,
     headers: &HeaderMap,
     collection: &str,
     id: &str,
@@ -486,7 +559,7 @@ pub async fn delete_record(
 
 /// GET of a collection: `?limit=&after=&prefix=`, in id order, with a `next` cursor.
 pub async fn list(
-    store: &Store,
+    store: &Data<'_>,
     settings: &AppSettings,
     method: &Method,
     headers: &HeaderMap,
@@ -615,7 +688,7 @@ struct BatchRequest<'a> {
 
 /// POST /api/v1/batch: all writes apply atomically, or none does.
 pub async fn batch(
-    store: &Store,
+    store: &Data<'_>,
     settings: &AppSettings,
     headers: &HeaderMap,
     body: Incoming,

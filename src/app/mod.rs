@@ -4,6 +4,8 @@
 //! handler in [`api`] or to [`static_files`], count the request, optionally log it.
 
 pub mod api;
+pub mod cache;
+pub mod feed;
 pub mod router;
 pub mod static_files;
 
@@ -24,6 +26,7 @@ use crate::http::body::Body;
 use crate::http::problem::Problem;
 use crate::metrics::Metrics;
 use crate::storage::Store;
+use cache::RecordCache;
 use router::Endpoint;
 use static_files::{CacheRules, StaticFiles};
 
@@ -41,6 +44,8 @@ pub struct AppSettings {
     pub cache_rules: CacheRules,
     /// Whether to log each request.
     pub access_log: bool,
+    /// The record cache's settings (`[app.cache]`); its live parts apply on reload.
+    pub cache: Option<crate::config::AppCacheConfig>,
 }
 
 impl AppSettings {
@@ -56,6 +61,7 @@ impl AppSettings {
             max_batch_writes: app.max_batch_writes,
             cache_rules,
             access_log: config.node.access_log,
+            cache: app.cache.clone(),
         })
     }
 }
@@ -68,17 +74,23 @@ pub struct App {
     settings: ArcSwap<AppSettings>,
     tokens: Arc<ArcSwap<Tokens>>,
     metrics: Arc<Metrics>,
+    cache: Option<Arc<RecordCache>>,
 }
 
 impl App {
-    /// Builds the app over a store. `static_root` is served when set.
+    /// Builds the app over a store, with its record cache when `cache` is set (whose feed
+    /// the caller starts). `static_root` is served when set.
     pub fn new(
         store: Store,
         static_files: Option<(PathBuf, StaticFiles)>,
         settings: AppSettings,
         tokens: Arc<ArcSwap<Tokens>>,
         metrics: Arc<Metrics>,
+        cache: Option<Arc<RecordCache>>,
     ) -> Arc<Self> {
+        if let Some(c) = &cache {
+            c.register_metrics(&metrics);
+        }
         let (static_root, static_files) = match static_files {
             Some((root, files)) => (Some(root), Some(files)),
             None => (None, None),
@@ -90,12 +102,21 @@ impl App {
             settings: ArcSwap::from_pointee(settings),
             tokens,
             metrics,
+            cache,
         })
     }
 
-    /// Installs settings from a reload.
+    /// Installs settings from a reload (including the cache's live bounds).
     pub fn apply(&self, settings: AppSettings) {
+        if let (Some(cache), Some(cfg)) = (&self.cache, &settings.cache) {
+            cache.apply(cfg);
+        }
         self.settings.store(Arc::new(settings));
+    }
+
+    /// The record cache, when `[app.cache]` is on.
+    pub fn cache(&self) -> Option<&Arc<RecordCache>> {
+        self.cache.as_ref()
     }
 
     /// Where static files come from, if anywhere.
@@ -163,7 +184,11 @@ impl App {
                 return (route, Err(p));
             }
         }
-        let store = &self.store;
+        let data = api::Data {
+            store: &self.store,
+            cache: self.cache.as_deref(),
+        };
+        let store = &data;
         let headers = &parts.headers;
         let result = match endpoint {
             Endpoint::Record { collection, id } => match *method {
@@ -234,6 +259,7 @@ impl Component for App {
         serde_json::json!({
             "static_dir": self.static_root.as_ref().map(|p| p.display().to_string()),
             "storage": self.store.status(),
+            "cache": self.cache.as_ref().map(|c| c.status()),
         })
     }
 }

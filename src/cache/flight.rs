@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -49,31 +50,68 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Loaded<V>, E>>,
     {
-        match self.get(&key) {
-            Lookup::Hit(v) => return Ok(Some(v)),
-            Lookup::Absent => return Ok(None),
+        Ok(self.get_or_load_traced(&key, load).await?.0)
+    }
+
+    /// [`get_or_load`](Self::get_or_load), also saying how the answer came about, for
+    /// callers that report it (the app's `Cache-Status` header).
+    /// Takes the key by reference so that a hit clones nothing but the value.
+    pub async fn get_or_load_traced<F, Fut, E>(
+        &self,
+        key: &K,
+        load: F,
+    ) -> Result<(Option<V>, Fill), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<V>, E>>,
+    {
+        match self.get(key) {
+            Lookup::Hit(v) => return Ok((Some(v), Fill::Hit)),
+            Lookup::Absent => return Ok((None, Fill::Hit)),
             Lookup::Miss => {}
         }
+        // 0: joined another caller's load; 1: loaded, refused; 2: loaded and stored.
+        let how = AtomicU8::new(0);
         let cell = self.flights.entry(key.clone()).or_default().clone();
         let run = async {
             let _leave = LeaveOnDrop {
                 flights: &self.flights,
-                key: &key,
+                key,
                 cell: &cell,
             };
             bump(&self.counters.loads);
             let loaded = load().await?;
             // A refused fill (stale or too large) still answers this flight: the value was
             // current when read, and every waiter asked before it was replaced.
-            let _ = match &loaded.value {
+            let stored = match &loaded.value {
                 Some(v) => self.insert_if_fresh(key.clone(), v.clone(), loaded.read_lsn),
                 None => self.insert_absent_if_fresh(key.clone(), loaded.read_lsn),
-            };
+            }
+            .is_ok();
+            how.store(1 + u8::from(stored), Ordering::Relaxed);
             Ok(loaded.value)
         };
         let value = cell.get_or_try_init(|| run).await?;
-        Ok(value.clone())
+        let fill = match how.load(Ordering::Relaxed) {
+            0 => Fill::Joined,
+            n => Fill::Loaded { stored: n == 2 },
+        };
+        Ok((value.clone(), fill))
     }
+}
+
+/// How [`Cache::get_or_load_traced`] produced its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// From the cache (a value or a negative entry).
+    Hit,
+    /// This caller ran the load; `stored` says whether the LSN gate admitted the result.
+    Loaded {
+        /// Whether the result entered the cache.
+        stored: bool,
+    },
+    /// Another caller's load for the same key answered this one (single flight).
+    Joined,
 }
 
 /// Takes a flight out of the map when its loader finishes, fails or is cancelled, unless

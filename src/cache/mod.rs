@@ -36,7 +36,7 @@ use quick_cache::sync::Cache as Backend;
 use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use flight::Loaded;
+pub use flight::{Fill, Loaded};
 pub use stats::CacheStats;
 pub use weigh::Weigh;
 
@@ -399,7 +399,8 @@ where
             Ok(()) => 0,
             Err(gate::StaleAt(n)) => n,
         };
-        if let Some(existing) = self.backend.peek(&key) {
+        let existing = self.backend.peek(&key);
+        if let Some(existing) = &existing {
             if existing.read_lsn > read_lsn {
                 needed = needed.max(existing.read_lsn);
             }
@@ -417,6 +418,11 @@ where
         self.backend.insert(key, slot);
         drop(stripe);
         bump(&self.counters.inserts);
+        if existing.is_some() {
+            // The backend reports the replaced value through its eviction hook; it was
+            // not evicted, so take it back out of the count.
+            bump(&self.counters.replaced);
+        }
         Ok(())
     }
 

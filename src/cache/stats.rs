@@ -13,6 +13,8 @@ pub(crate) struct Counters {
     pub(crate) refused_stale: AtomicU64,
     pub(crate) refused_too_large: AtomicU64,
     pub(crate) evictions: AtomicU64,
+    /// Fills that replaced an entry (the backend's eviction hook counts those too).
+    pub(crate) replaced: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) loads: AtomicU64,
@@ -122,7 +124,7 @@ impl Counters {
             inserts: r(&self.inserts),
             refused_stale: r(&self.refused_stale),
             refused_too_large: r(&self.refused_too_large),
-            evictions: r(&self.evictions),
+            evictions: r(&self.evictions).saturating_sub(r(&self.replaced)),
             expired: r(&self.expired),
             invalidations: r(&self.invalidations),
             loads: r(&self.loads),

@@ -508,3 +508,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn replacing_an_entry_is_not_an_eviction() {
+    let c = cache(1 << 20);
+    c.insert_if_fresh(1, val(10), 1).unwrap();
+    c.insert_if_fresh(1, val(20), 2).unwrap();
+    c.insert_if_fresh(1, val(30), 2).unwrap();
+    let s = c.stats();
+    assert_eq!((s.inserts, s.evictions, s.entries), (3, 0, 1), "{s:?}");
+}

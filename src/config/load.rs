@@ -152,6 +152,9 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
                 ));
             }
         }
+        if let Some(cache) = &app.cache {
+            cache.validate(path, app.storage == super::StorageTarget::Embedded)?;
+        }
         crate::app::static_files::CacheRules::new(&app.static_cache)
             .map_err(|e| ConfigError::invalid(path, "app.static_cache", e.to_string()))?;
         let exposed = !app.listen.ip().is_loopback() || !node.admin.ip().is_loopback();

@@ -5,6 +5,7 @@
 //! request, and a reload replaces the whole value at once, so no request ever sees half of
 //! an old config and half of a new one.
 
+pub mod app_cache;
 pub mod balancer;
 pub mod edge;
 pub mod load;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+pub use app_cache::AppCacheConfig;
 pub use balancer::BalancerConfig;
 pub use load::ConfigError;
 pub use model::{AppConfig, Config, HttpLimits, NodeConfig, Scope, TokenConfig};
@@ -137,6 +139,18 @@ pub fn version(config: &Config) -> String {
     format!("{:08x}", crc32fast::hash(text.as_bytes()))
 }
 
+/// Whether an `[app.cache]` change needs a restart: switching it on or off, or anything but
+/// `max_bytes` and `max_staleness`, which apply live.
+fn app_cache_restart(a: Option<&AppCacheConfig>, b: Option<&AppCacheConfig>) -> bool {
+    match (a, b) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            a.ttl != b.ttl || a.negative_ttl != b.negative_ttl || a.follow != b.follow
+        }
+        _ => true,
+    }
+}
+
 /// Settings that differ between two configs but only take effect after a restart.
 pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
@@ -198,6 +212,9 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         }
         if a.http != b.http {
             changed.push("app.http");
+        }
+        if app_cache_restart(a.cache.as_ref(), b.cache.as_ref()) {
+            changed.push("app.cache (on/off, ttl, negative_ttl, follow)");
         }
     }
     if let (Some(a), Some(b)) = (&old.balancer, &new.balancer) {

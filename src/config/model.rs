@@ -141,6 +141,9 @@ pub struct AppConfig {
     pub allow_anonymous: bool,
     /// Connection limits and timeouts of the listener.
     pub http: HttpLimits,
+    /// The coherent record cache (stage 5); off when absent. See [`super::AppCacheConfig`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<super::AppCacheConfig>,
 }
 
 impl Default for AppConfig {
@@ -166,6 +169,7 @@ impl Default for AppConfig {
             tokens: Vec::new(),
             allow_anonymous: false,
             http: HttpLimits::default(),
+            cache: None,
         }
     }
 }

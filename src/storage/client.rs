@@ -329,6 +329,24 @@ impl RemoteStore {
         }
     }
 
+    /// Reads one record as [`RemoteStore::read`] does, and also says at which LSN the node
+    /// that answered read it: what a cache fill needs to pass the LSN gate.
+    pub async fn read_at(
+        &self,
+        key: &Key,
+        consistency: ReadConsistency,
+    ) -> Result<(Option<Record>, u64), StoreError> {
+        let request = Request::GetAt {
+            key: key.to_string(),
+        };
+        match self.routed(request, consistency).await? {
+            Response::RecordAt { record, read_lsn } => {
+                Ok((record.map(wire::record_from_wire), read_lsn))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Lists a collection with the given consistency (as [`RemoteStore::read`]).
     pub async fn list_with(
         &self,

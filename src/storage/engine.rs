@@ -797,6 +797,13 @@ impl Engine {
         Ok(out)
     }
 
+    /// LSN of the newest applied batch: every record read after this call reflects at
+    /// least the writes up to it. What a cache fill records as its read LSN (cheap, unlike
+    /// [`Engine::status`]).
+    pub fn applied_lsn(&self) -> u64 {
+        self.shared.last_lsn.load(Ordering::Acquire)
+    }
+
     /// The current epoch (stored in metadata, 1 for a new database); stamped on every
     /// log entry so replicas can tell which primary wrote it.
     pub fn epoch(&self) -> u64 {

@@ -11,6 +11,7 @@
 //! | [`protocol`] | frames and messages of the storage protocol; pure, fuzzable |
 //! | [`wire`] | conversions between this vocabulary and the protocol's messages; pure |
 //! | [`conn`] | the protocol's I/O edge: frame reading with deadlines, the handshake |
+//! | [`feed`] | the change feed apps follow to keep their caches coherent (keys and LSNs only) |
 //! | [`replication`] | log shipping: the sender on a primary, the follower on a replica, the pure state machine |
 //! | [`server`] | the storage role: serves the engine to apps over TCP/TLS |
 //! | [`client`] | the app's pool of connections to a storage server |
@@ -20,6 +21,7 @@ pub mod backup;
 pub mod client;
 pub mod conn;
 pub mod engine;
+pub mod feed;
 pub mod protocol;
 pub mod replication;
 pub mod server;

@@ -70,6 +70,8 @@ pub enum Purpose {
     Client,
     /// A replica that will subscribe to the log.
     Replica,
+    /// An app following the change feed (keys and LSNs only) to keep its cache coherent.
+    Feed,
 }
 
 /// A stored record on the wire.
@@ -215,6 +217,12 @@ pub enum Request {
     ReplStatus,
     /// A hash of every record, for comparing nodes (tests, operators).
     ContentHash,
+    /// Read one record and say at which applied LSN it was read, so a cache can tell a
+    /// fill from before an invalidation (answered with [`Response::RecordAt`]).
+    GetAt {
+        /// `collection/id`.
+        key: String,
+    },
 }
 
 /// Answers to requests.
@@ -252,6 +260,14 @@ pub enum Response {
         records: u64,
         /// Hex SHA-256 over keys and stored records in key order.
         hash: String,
+    },
+    /// Answer to GetAt.
+    RecordAt {
+        /// The record, `None` if absent.
+        record: Option<WireRecord>,
+        /// The node's applied LSN just before the read: the value reflects every write up
+        /// to here (and maybe later ones).
+        read_lsn: u64,
     },
 }
 
@@ -385,6 +401,39 @@ pub enum Message {
     Heartbeat {
         /// The primary's newest durable LSN.
         primary_lsn: u64,
+    },
+    /// App → storage, first message after Welcome on a `Purpose::Feed` link: send the keys
+    /// changed after `after_lsn` of `epoch` (`epoch` 0: a fresh subscriber).
+    FeedSubscribe {
+        /// The newest LSN whose changes the app has applied.
+        after_lsn: u64,
+        /// The epoch those LSNs belong to.
+        epoch: u64,
+        /// How often to send a heartbeat when idle, milliseconds (the server clamps it).
+        heartbeat_ms: u32,
+    },
+    /// Storage → app: changes follow from `after_lsn + 1`. `resumed` is false when the feed
+    /// could not continue where the app asked (new subscriber, other epoch, log truncated):
+    /// the app must then drop everything it cached from before `after_lsn`.
+    FeedStart {
+        /// The source's epoch.
+        epoch: u64,
+        /// Changes after this LSN follow.
+        after_lsn: u64,
+        /// Whether the feed continues exactly where the app asked.
+        resumed: bool,
+    },
+    /// Storage → app: consecutive log entries as `(lsn, changed keys)`, oldest first.
+    FeedChanges {
+        /// The source's durable LSN when the batch was read: the app has caught up with
+        /// the source once it has applied this far. Sent with no changes as the heartbeat.
+        source_lsn: u64,
+        /// How far the source itself is behind the primary, in milliseconds (0 on the
+        /// primary; a replica's replication lag), so an app following a replica counts
+        /// that lag against its `max_staleness` too.
+        source_lag_ms: u64,
+        /// `(lsn, ["collection/id", ...])` per log entry.
+        changes: Vec<(u64, Vec<String>)>,
     },
 }
 

@@ -232,6 +232,25 @@ impl StorageServer {
             tracing::debug!(%peer, "replica authenticated");
             return self.repl.clone().serve_replica(fr, peer, shutdown).await;
         }
+        if purpose == Purpose::Feed {
+            tracing::debug!(%peer, "change feed subscriber authenticated");
+            let repl = self.repl.clone();
+            // Only a replica lags; a primary skips the status (and its disk-size call).
+            let lag = move || match repl.role() {
+                super::replication::Role::Replica { .. } => {
+                    Duration::from_millis(repl.wire_status().lag_ms)
+                }
+                _ => Duration::ZERO,
+            };
+            return super::feed::serve(
+                self.engine.clone(),
+                lag,
+                fr,
+                self.limits.frame_timeout,
+                shutdown,
+            )
+            .await;
+        }
         tracing::debug!(%peer, "storage client authenticated");
         self.serve(fr, shutdown).await
     }
@@ -333,7 +352,10 @@ impl StorageServer {
 
     async fn answer_inner(&self, request: Request) -> Result<Response, StoreError> {
         let invalid = |m: String| StoreError::InvalidBatch(m);
-        let reading = matches!(request, Request::Get { .. } | Request::List { .. });
+        let reading = matches!(
+            request,
+            Request::Get { .. } | Request::GetAt { .. } | Request::List { .. }
+        );
         if reading && self.engine.resyncing() {
             return Err(StoreError::Unavailable(
                 "this replica is installing a snapshot; read from another node".into(),
@@ -346,8 +368,11 @@ impl StorageServer {
                 wait_ms,
                 read,
             } => {
-                if !matches!(*read, Request::Get { .. } | Request::List { .. }) {
-                    return Err(invalid("AtLeast wraps only Get or List".into()));
+                if !matches!(
+                    *read,
+                    Request::Get { .. } | Request::GetAt { .. } | Request::List { .. }
+                ) {
+                    return Err(invalid("AtLeast wraps only Get, GetAt or List".into()));
                 }
                 let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_TOKEN_WAIT);
                 let mut rx = self.engine.subscribe_durable();
@@ -380,6 +405,15 @@ impl StorageServer {
                 let key = Key::parse(&key).map_err(|e| invalid(format!("key {key:?}: {e}")))?;
                 let record = self.engine.get(&key)?;
                 Ok(Response::Record(record.as_ref().map(wire::record_to_wire)))
+            }
+            Request::GetAt { key } => {
+                let key = Key::parse(&key).map_err(|e| invalid(format!("key {key:?}: {e}")))?;
+                let read_lsn = self.engine.applied_lsn();
+                let record = self.engine.get(&key)?;
+                Ok(Response::RecordAt {
+                    record: record.as_ref().map(wire::record_to_wire),
+                    read_lsn,
+                })
             }
             Request::List {
                 collection,

@@ -94,6 +94,22 @@ impl Store {
         }
     }
 
+    /// Reads one record as [`Store::read`] does, with the LSN it was read at: the value
+    /// reflects every write up to that LSN. What cache fills carry through the LSN gate.
+    pub async fn read_at(
+        &self,
+        key: &Key,
+        consistency: ReadConsistency,
+    ) -> Result<(Option<Record>, u64), StoreError> {
+        match self {
+            Store::Embedded(e) => {
+                let lsn = e.applied_lsn();
+                Ok((e.get(key)?, lsn))
+            }
+            Store::Remote(r) => r.read_at(key, consistency).await,
+        }
+    }
+
     /// Lists a collection, from a replica when `consistency` allows.
     pub async fn list_with(
         &self,
