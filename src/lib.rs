@@ -4,7 +4,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`cli`] | the `strata` command line (`serve`, `check`, `promote`, `restore`) |
+//! | [`cli`] | the `strata` command line (`serve`, `check`, `promote`, `restore`, `reload`, `status`, `fleet`) |
+//! | [`fleet`] | `strata fleet` (nodes of a directory as child processes), `strata status`, `strata reload` |
 //! | [`config`] | the TOML model, loading with file:line:col errors, secrets, live copy |
 //! | [`node`] | starting the roles a config names; reload on SIGHUP; ordered shutdown |
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod edge;
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -1,16 +1,25 @@
 //! TLS configs built from PEM files: the server side (optionally requiring client
-//! certificates) and the client side (a private CA, optionally a client certificate).
+//! certificates), the client side (a private CA, optionally a client certificate), and the
+//! HTTPS listener side (a default certificate plus per-server-name ones chosen by SNI, ALPN
+//! `h2` / `http/1.1`).
 //!
-//! Kept apart from any one role: storage uses it now, the edge will for HTTPS. Every config
-//! is built with the `ring` provider named explicitly, so the choice never depends on which
-//! crypto features other crates happen to switch on.
+//! Kept apart from any one role: storage links use the first two, the balancer and the
+//! edge the listener config (served by [`crate::http::server::serve`] behind an `ArcSwap`,
+//! so reloaded certificates apply to the next handshake). Every config is built with the
+//! `ring` provider named explicitly, so the choice never depends on which crypto features
+//! other crates happen to switch on.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::config::balancer::TlsConfig;
 
 /// Why a TLS config could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -127,4 +136,56 @@ pub fn client_config(
 /// Parses the name a server certificate must carry (DNS name or IP address).
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_owned()).map_err(|_| TlsError::ServerName(name.to_owned()))
+}
+
+/// The config of an HTTPS listener: the default certificate, the SNI certificates, ALPN
+/// `h2` then `http/1.1`. Every key is checked against its certificate.
+pub fn listener_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let default = certified_key(&tls.cert, &tls.key)?;
+    let mut by_name = HashMap::new();
+    for sni in &tls.sni {
+        let key = certified_key(&sni.cert, &sni.key)?;
+        for name in &sni.names {
+            by_name.insert(name.to_ascii_lowercase(), key.clone());
+        }
+    }
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { by_name, default }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs(cert)?;
+    let key_der = load_key(key)?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| TlsError::Pem {
+            path: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match().map_err(|e| TlsError::Pem {
+        path: key.to_path_buf(),
+        reason: format!("does not match the certificate {}: {e}", cert.display()),
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// Picks a certificate by the server name the client asked for, else the default.
+#[derive(Debug)]
+struct SniResolver {
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let named = hello
+            .server_name()
+            .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()));
+        Some(named.unwrap_or(&self.default).clone())
+    }
 }

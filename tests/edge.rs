@@ -287,17 +287,27 @@ async fn stale_if_error_serves_stale_while_the_origin_is_down() {
         "/sie",
         reply("max-age=1, stale-if-error=60", "old but good"),
     );
-    origin.route("/nosie", reply("max-age=1", "gone"));
+    origin.route("/nosie", reply("max-age=1, must-revalidate", "gone"));
+    origin.route("/plain", reply("max-age=1", "plain old"));
     let (_node, url, _t) = start_edge(&origin, "");
-    get(&format!("{url}/sie"), &[]).await;
-    get(&format!("{url}/nosie"), &[]).await;
+    for p in ["/sie", "/nosie", "/plain"] {
+        get(&format!("{url}{p}"), &[]).await;
+    }
     tokio::time::sleep(Duration::from_millis(2100)).await;
     origin.set_down(true);
     let (s, b, h) = get(&format!("{url}/sie"), &[]).await;
     assert_eq!((s, b.as_str()), (200, "old but good"));
     assert!(cs(&h).contains("stale-if-error"), "{h:?}");
     let (s, _, _) = get(&format!("{url}/nosie"), &[]).await;
-    assert_eq!(s, 502, "without stale-if-error a dead origin is an error");
+    assert_eq!(
+        s, 502,
+        "must-revalidate forbids stale even with the origin down"
+    );
+    // Without any directive, an unreachable origin may be covered by stale content
+    // (§4.2.4, `stale_if_unreachable`; cache-tests stale-close).
+    let (s, b, h) = get(&format!("{url}/plain"), &[]).await;
+    assert_eq!((s, b.as_str()), (200, "plain old"));
+    assert!(cs(&h).contains("detail=origin-unreachable"), "{h:?}");
     // 5xx from a live origin also falls back to stale.
     origin.set_down(false);
     let mut r = reply("no-store", "boom");
@@ -701,6 +711,35 @@ async fn compression_is_negotiated_and_stored_per_coding() {
     let (h, _) = fetch("deflate, gzip").await;
     assert_eq!(h["cache-status"], "strata; hit", "gzip variant reused");
     assert_eq!(origin.hits("/t"), 3);
+
+    // A body too small to compress is one object for every client, without
+    // `Vary: Accept-Encoding` (cache-tests vary-match expects the origin's Vary as is).
+    let mut small = reply("max-age=60", "tiny");
+    small.headers.push(("vary".into(), "Foo".into()));
+    origin.route("/small", small);
+    let get_small = |ae: &'static str| {
+        let u = format!("{url}/small");
+        async move {
+            let r = common::client()
+                .get(&u)
+                .header("accept-encoding", ae)
+                .header("foo", "1")
+                .send()
+                .await
+                .unwrap();
+            let h = r.headers().clone();
+            (h, r.text().await.unwrap())
+        }
+    };
+    let (h, b) = get_small("gzip").await;
+    assert_eq!((h["vary"].to_str().unwrap(), b.as_str()), ("Foo", "tiny"));
+    assert!(h.get("content-encoding").is_none());
+    let (h, b) = get_small("identity").await;
+    assert_eq!(
+        (h["cache-status"].to_str().unwrap(), b.as_str()),
+        ("strata; hit", "tiny")
+    );
+    assert_eq!(origin.hits("/small"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -722,4 +761,522 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     let (_, b, h) = get(&format!("{url}/swr"), &[]).await;
     assert_eq!((b.as_str(), cs(&h).as_str()), ("new", "strata; hit"));
     assert_eq!(origin.hits("/swr"), 2, "one background refresh");
+}
+
+/// A private CA and one leaf certificate per `(file, name)`, as PEM files in `dir`; returns
+/// the CA certificate (DER) to trust.
+fn make_certs(dir: &std::path::Path, leaves: &[(&str, &str)]) -> Vec<u8> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    for (file, name) in leaves {
+        let params = CertificateParams::new(vec![(*name).to_owned()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+    }
+    ca.der().to_vec()
+}
+
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// A verified TLS connection for `name`: the stream, the certificate served, the ALPN
+/// protocol agreed.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &[u8],
+    name: &str,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    Vec<u8>,
+    Option<Vec<u8>>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(ca.to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("TLS handshake verifies against the CA");
+    let (_, conn) = tls.get_ref();
+    let cert = conn.peer_certificates().unwrap()[0].as_ref().to_vec();
+    let proto = conn.alpn_protocol().map(<[u8]>::to_vec);
+    (tls, cert, proto)
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+async fn h2_get(send: &mut H2Sender, uri: &str) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(uri)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let cs = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), cs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_h2_and_sni_through_the_edge_with_live_certificate_reload() {
+    let origin = Origin::start().await;
+    origin.route("/tls", reply("max-age=60", "over tls"));
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_certs(
+        certs.path(),
+        &[("a", "a.test"), ("b", "b.test"), ("a2", "a.test")],
+    );
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\", sni = [{{ names = [\"b.test\"], cert = \"{}\", key = \"{}\" }}] }}",
+        p("a.pem"),
+        p("a.key"),
+        p("b.pem"),
+        p("b.key")
+    );
+    let (node, _, _t) = start_edge(&origin, &tls);
+    let addr = node.listening["edge"];
+
+    // HTTP/2 by ALPN, the default certificate; the second request is a cache hit.
+    let (stream, cert, proto) = tls_connect(addr, &ca, "a.test", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(cert, pem_der(&certs.path().join("a.pem")));
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (s, b, cs1) = h2_get(&mut h2, "https://a.test/tls").await;
+    assert_eq!((s, b.as_str()), (200, "over tls"), "{cs1}");
+    assert!(cs1.contains("stored"), "{cs1}");
+    let (_, b, cs2) = h2_get(&mut h2, "https://a.test/tls").await;
+    assert_eq!((b.as_str(), cs2.as_str()), ("over tls", "strata; hit"));
+
+    // SNI b.test gets b's certificate; HTTP/1.1 by ALPN shares the same cache entry.
+    let (stream, cert, proto) = tls_connect(addr, &ca, "b.test", &[b"http/1.1"]).await;
+    assert_eq!(proto.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(cert, pem_der(&certs.path().join("b.pem")));
+    let (mut h1, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/tls")
+        .header("host", "a.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = h1.send_request(req).await.unwrap();
+    assert_eq!(resp.headers()["cache-status"], "strata; hit");
+    assert_eq!(origin.hits("/tls"), 1);
+
+    // Certificates reload live: new handshakes get the new one, open connections go on.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    let text = text
+        .replace(&p("a.pem"), &p("a2.pem"))
+        .replace(&p("a.key"), &p("a2.key"));
+    std::fs::write(&node.config, text).unwrap();
+    let report: serde_json::Value = common::client()
+        .post(format!("{}/admin/reload", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["applied"], true, "{report}");
+    let (_, cert, _) = tls_connect(addr, &ca, "a.test", &[b"h2"]).await;
+    assert_eq!(cert, pem_der(&certs.path().join("a2.pem")));
+    let (s, _, _) = h2_get(&mut h2, "https://a.test/tls").await;
+    assert_eq!(
+        s, 200,
+        "the connection opened before the reload still serves"
+    );
+
+    // A reload with a broken certificate is refused and changes nothing.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(certs.path().join("bad.pem"), "not a certificate").unwrap();
+    std::fs::write(&node.config, text.replace(&p("a2.pem"), &p("bad.pem"))).unwrap();
+    let report: serde_json::Value = common::client()
+        .post(format!("{}/admin/reload", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["applied"], false, "{report}");
+    let (_, cert, _) = tls_connect(addr, &ca, "a.test", &[b"h2"]).await;
+    assert_eq!(cert, pem_der(&certs.path().join("a2.pem")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_admin_listener_on_an_edge_only_node_needs_the_admin_token() {
+    let origin = Origin::start().await;
+    origin.route("/k", reply("max-age=60", "kept"));
+    let tmp = tempfile::tempdir().unwrap();
+    let base = format!(
+        "[node]\nname = \"edge-exposed\"\ndata_dir = \"{}\"\nadmin = \"0.0.0.0:0\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{}\"]\n",
+        tmp.path().join("data").display(),
+        origin.addr
+    );
+    // Without an admin token the node refuses to start.
+    let path = tmp.path().join("open.toml");
+    std::fs::write(&path, &base).unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("node.admin"), "{err}");
+
+    let text = format!(
+        "{base}\n[[edge.tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"edge-admin-secret-1\"\n"
+    );
+    let node = Node::start_with(tmp.path(), &text);
+    let url = format!("http://{}", node.listening["edge"]);
+    let (_, b, _) = get(&format!("{url}/k"), &[]).await;
+    assert_eq!(b, "kept");
+    let admin = node.admin_url();
+    let c = common::client();
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/status"),
+        (reqwest::Method::GET, "/metrics"),
+        (reqwest::Method::POST, "/admin/reload"),
+        (reqwest::Method::POST, "/admin/purge"),
+    ] {
+        let r = c
+            .request(method.clone(), format!("{admin}{path}"))
+            .json(&serde_json::json!({"prefix": "/"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method} {path} without a token");
+        let r = c
+            .request(method.clone(), format!("{admin}{path}"))
+            .bearer_auth("wrong-token-000000")
+            .json(&serde_json::json!({"prefix": "/"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method} {path} with a wrong token");
+    }
+    // Nothing was purged; the cached object is still served.
+    let (_, b, h) = get(&format!("{url}/k"), &[]).await;
+    assert_eq!((b.as_str(), cs(&h).as_str()), ("kept", "strata; hit"));
+    let r = c
+        .get(format!("{admin}/admin/status"))
+        .bearer_auth("edge-admin-secret-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let status: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status["components"]["edge"]["hits"], 1, "{status}");
+    // Health checks stay open for load balancers.
+    let r = c.get(format!("{admin}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn reload(node: &Node) -> serde_json::Value {
+    common::client()
+        .post(format!("{}/admin/reload", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn edge_status(node: &Node) -> serde_json::Value {
+    let s: serde_json::Value = common::client()
+        .get(format!("{}/admin/status", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    s["components"]["edge"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rules_and_sizes_reload_under_load_without_failed_requests() {
+    let origin = Origin::start().await;
+    let body = "x".repeat(1000);
+    for i in 0..40 {
+        origin.route(&format!("/r/{i}"), reply("max-age=60", &body));
+    }
+    let big = "y".repeat(3000);
+    origin.route("/big1", reply("max-age=60", &big));
+    origin.route("/big2", reply("max-age=60", &big));
+    let sizes = |max: &str, obj: &str| {
+        format!("cache = {{ max_bytes = \"{max}\", max_object_size = \"{obj}\" }}\n")
+    };
+    let (node, url, _t) = start_edge(&origin, &sizes("1MiB", "64KiB"));
+    let (_, _, h) = get(&format!("{url}/big1"), &[]).await;
+    assert!(cs(&h).contains("stored"), "{h:?}");
+
+    // Steady load from four clients over 40 URLs, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|w| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = common::client();
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                let mut i = w;
+                while !stop.load(Ordering::SeqCst) {
+                    match c.get(format!("{url}/r/{}", i % 40)).send().await {
+                        Ok(r) if r.status() == 200 => match r.bytes().await {
+                            Ok(b) if b.len() == 1000 => ok += 1,
+                            other => failed.push(format!("body {other:?}")),
+                        },
+                        other => failed.push(format!("{other:?}")),
+                    }
+                    i += 1;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = edge_status(&node).await;
+    assert!(before["bytes"].as_u64().unwrap() > 30_000, "{before}");
+
+    // Shrink the cache and tighten the object size limit, live.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        text.replace(&sizes("1MiB", "64KiB"), &sizes("16KiB", "2KiB")),
+    )
+    .unwrap();
+    let report = reload(&node).await;
+    assert_eq!(report["applied"], true, "{report}");
+    let after = edge_status(&node).await;
+    assert_eq!(after["capacity_bytes"], 16 * 1024, "{after}");
+    assert!(after["bytes"].as_u64().unwrap() <= 16 * 1024, "{after}");
+    assert!(
+        after["evictions"].as_u64().unwrap() > before["evictions"].as_u64().unwrap(),
+        "shrinking evicted: {before} → {after}"
+    );
+    // The new object size rule applies to the next fill.
+    let (s, b, h) = get(&format!("{url}/big2"), &[]).await;
+    assert_eq!((s, b.len()), (200, 3000));
+    assert!(cs(&h).contains("detail=too-large"), "{h:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // And back up again.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        text.replace(&sizes("16KiB", "2KiB"), &sizes("1MiB", "64KiB")),
+    )
+    .unwrap();
+    assert_eq!(reload(&node).await["applied"], true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for t in load {
+        let (ok, failed) = t.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed requests across reloads: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 100, "the load ran ({total} requests)");
+    let end = edge_status(&node).await;
+    assert_eq!(end["capacity_bytes"], 1024 * 1024, "{end}");
+    assert!(end["bytes"].as_u64().unwrap() > 30_000, "refilled: {end}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_is_skipped_and_counters_are_reported() {
+    let origin = Origin::start().await;
+    for i in 0..6 {
+        origin.route(&format!("/u/{i}"), reply("private", "fine"));
+    }
+    origin.route("/c", reply("max-age=60", "counted"));
+    // A port nothing listens on: bind, note it, close.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nname = \"edge-two\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{dead}\", \"{}\"]\nupstream_down_for = \"30s\"\npurge_method = true\n",
+        tmp.path().join("data").display(),
+        origin.addr
+    );
+    let node = Node::start_with(tmp.path(), &text);
+    let url = format!("http://{}", node.listening["edge"]);
+    for i in 0..6 {
+        let (s, b, _) = get(&format!("{url}/u/{i}"), &[]).await;
+        assert_eq!((s, b.as_str()), (200, "fine"), "request {i}");
+    }
+    let st = edge_status(&node).await;
+    let ups = st["upstreams"].as_array().unwrap();
+    let healthy = |a: SocketAddr| {
+        ups.iter()
+            .find(|u| u.to_string().contains(&a.to_string()))
+            .map(|u| u["healthy"].clone())
+    };
+    assert_eq!(healthy(dead), Some(serde_json::json!(false)), "{st}");
+    assert_eq!(healthy(origin.addr), Some(serde_json::json!(true)), "{st}");
+
+    get(&format!("{url}/c"), &[]).await;
+    get(&format!("{url}/c"), &[]).await;
+    let st = edge_status(&node).await;
+    assert_eq!(
+        (st["hits"].as_u64(), st["stored"].as_u64()),
+        (Some(1), Some(1)),
+        "{st}"
+    );
+    assert!(st["hit_ratio"].as_f64().unwrap() > 0.0, "{st}");
+    assert_eq!(st["bytes_from_cache"], 7, "{st}");
+    let metrics = common::client()
+        .get(format!("{}/metrics", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "strata_edge_hits 1",
+        "strata_edge_misses",
+        "strata_edge_stale_served",
+        "strata_edge_revalidations",
+        "strata_edge_coalesced_waits",
+        "strata_edge_bytes_from_cache 7",
+        "strata_edge_entries",
+        "strata_edge_bytes",
+        "strata_edge_evictions",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+
+    // With purge_method on, PURGE drops the URL.
+    let r = common::client()
+        .request(
+            reqwest::Method::from_bytes(b"PURGE").unwrap(),
+            format!("{url}/c"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, b, h) = get(&format!("{url}/c"), &[]).await;
+    assert_eq!(b, "counted");
+    assert!(cs(&h).contains("fwd=uri-miss"), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_for_an_uncacheable_response_each_go_upstream() {
+    let origin = Origin::start().await;
+    let mut r = reply("private", "for you only");
+    r.delay = Duration::from_millis(200);
+    origin.route("/p", r);
+    let (_node, url, _t) = start_edge(&origin, "");
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let u = format!("{url}/p");
+            tokio::spawn(async move { get(&u, &[]).await })
+        })
+        .collect();
+    for t in tasks {
+        let (s, b, h) = t.await.unwrap();
+        assert_eq!((s, b.as_str()), (200, "for you only"));
+        assert!(!cs(&h).contains("hit"), "{h:?}");
+    }
+    assert_eq!(
+        origin.hits("/p"),
+        10,
+        "nobody got another client's private answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_probes_take_a_failing_upstream_out_and_bring_it_back() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    a.route("/health", reply("no-store", "ok"));
+    let mut sick = reply("no-store", "sick");
+    sick.status = 503;
+    b.route("/health", sick);
+    for o in [&a, &b] {
+        for i in 0..8 {
+            o.route(&format!("/h/{i}"), reply("private", "fine"));
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[node]\nname = \"edge-probes\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:0\"\n\n[edge]\nlisten = \"127.0.0.1:0\"\nupstreams = [\"{}\", \"{}\"]\nhealth = {{ path = \"/health\", interval = \"50ms\", timeout = \"1s\", rise = 1, fall = 1 }}\n",
+        tmp.path().join("data").display(),
+        a.addr,
+        b.addr
+    );
+    let node = Node::start_with(tmp.path(), &text);
+    let url = format!("http://{}", node.listening["edge"]);
+    let wait_probed = |want_b: bool| {
+        let node = &node;
+        let b_addr = b.addr.to_string();
+        async move {
+            for _ in 0..100 {
+                let st = edge_status(node).await;
+                let b_up = st["upstreams"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|u| u["upstream"] == b_addr.as_str())
+                    .map(|u| u["probes_pass"] == true);
+                if b_up == Some(want_b) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("upstream b never became probes_pass={want_b}");
+        }
+    };
+    wait_probed(false).await;
+    for i in 0..8 {
+        let (s, _, _) = get(&format!("{url}/h/{i}"), &[]).await;
+        assert_eq!(s, 200);
+    }
+    let on_b: usize = (0..8).map(|i| b.hits(&format!("/h/{i}"))).sum();
+    assert_eq!(on_b, 0, "a probed-down upstream takes no requests");
+    b.route("/health", reply("no-store", "ok"));
+    wait_probed(true).await;
+    for i in 0..8 {
+        get(&format!("{url}/h/{i}"), &[]).await;
+    }
+    let on_b: usize = (0..8).map(|i| b.hits(&format!("/h/{i}"))).sum();
+    assert!(on_b >= 3, "back in rotation: {on_b} of 8 on b");
 }

@@ -5,13 +5,12 @@
 //! healthy ones ([`health`]), send on a pooled connection ([`crate::proxy::client`]), and
 //! on failure retry elsewhere when that is safe and the retry budget ([`retry`]) allows.
 //! Background: [`Balancer::run_health`] probes backends and sweeps idle connections.
-//! Reload swaps the whole [`pool::Pool`]; TLS lives in [`tls`].
+//! Reload swaps the whole [`pool::Pool`]; certificates come from [`crate::tls`].
 
 pub mod health;
 pub mod pick;
 pub mod pool;
 pub mod retry;
-pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,7 +44,7 @@ use pool::{Backend, BackendLabel, Families, Pool};
 pub enum BalancerError {
     /// A certificate or key could not be loaded.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Most attempts a request may make, whatever the config says (bounds the per-request
@@ -142,7 +141,7 @@ pub fn validate(cfg: &BalancerConfig) -> Result<(), (String, String)> {
         return bad("http.max_connections", "must be at least 1".into());
     }
     if let Some(t) = &cfg.tls {
-        tls::server_config(t).map_err(|e| ("balancer.tls".to_owned(), e.to_string()))?;
+        crate::tls::listener_config(t).map_err(|e| ("balancer.tls".to_owned(), e.to_string()))?;
     }
     Ok(())
 }
@@ -183,7 +182,7 @@ impl Balancer {
         pool.access_log = access_log;
         let pool = Arc::new(ArcSwap::from_pointee(pool));
         let tls = match &cfg.tls {
-            Some(t) => Some(Arc::new(ArcSwap::new(tls::server_config(t)?))),
+            Some(t) => Some(Arc::new(ArcSwap::new(crate::tls::listener_config(t)?))),
             None => None,
         };
         let b = Arc::new(Balancer {
@@ -274,7 +273,7 @@ impl Balancer {
         access_log: bool,
     ) -> Result<Prepared, BalancerError> {
         let tls = match (&cfg.tls, &self.tls) {
-            (Some(t), Some(_)) => Some(tls::server_config(t)?),
+            (Some(t), Some(_)) => Some(crate::tls::listener_config(t)?),
             _ => None,
         };
         let mut pool = Pool::build(cfg, Some(&self.pool.load()), &self.families);

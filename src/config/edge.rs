@@ -1,10 +1,11 @@
 //! `[edge]`: the HTTP cache (CDN tier) in front of the balancer or the apps.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::balancer::TlsConfig;
 use super::load::ConfigError;
 use super::model::{HttpLimits, TokenConfig};
 use super::units::{Dur, Size};
@@ -20,9 +21,11 @@ pub struct EdgeConfig {
     pub upstreams: Vec<String>,
     /// Sizes of the object store. Applies live (shrinking evicts at once).
     pub cache: EdgeCacheConfig,
-    /// TLS termination; unset serves plain HTTP/1.1 and h2c. Needs a restart to change.
+    /// TLS termination: a default certificate, per-name ones chosen by SNI, ALPN h2 and
+    /// http/1.1 (the same settings as `balancer.tls`). Unset serves plain HTTP/1.1 and h2c.
+    /// Certificates reload live; switching TLS on or off needs a restart.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<EdgeTls>,
+    pub tls: Option<TlsConfig>,
     /// Accept the non-standard `PURGE` method on the public listener. Off by default: anyone
     /// who reaches the listener could empty the cache. Prefer `POST /admin/purge`.
     pub purge_method: bool,
@@ -39,6 +42,11 @@ pub struct EdgeConfig {
     /// Longest a request waits for another request's fetch of the same object before going
     /// upstream itself. Applies live.
     pub coalesce_wait: Dur,
+    /// How stale a stored response may be and still be served when no origin can be
+    /// reached at all (refused, reset, timed out; not a 5xx answer), as RFC 9111 §4.2.4
+    /// allows a disconnected cache. `must-revalidate`, `proxy-revalidate`, `s-maxage` and
+    /// `no-cache` always forbid it. `"0s"` turns it off. Applies live.
+    pub stale_if_unreachable: Dur,
     /// Fraction of the time since `Last-Modified` used as heuristic freshness, for responses
     /// with no explicit freshness whose status allows heuristics (RFC 9111 §4.2.2). Zero
     /// disables heuristics. Applies live.
@@ -47,6 +55,8 @@ pub struct EdgeConfig {
     pub heuristic_max: Dur,
     /// Listener limits and timeouts. Needs a restart to change.
     pub http: HttpLimits,
+    /// Active health checks of the origins (off unless `path` is set). Applies live.
+    pub health: EdgeHealth,
     /// Bearer tokens for the admin endpoints (`/admin/purge` needs the admin scope), on
     /// nodes without an `[app]` section to declare them. Applies live.
     pub tokens: Vec<TokenConfig>,
@@ -65,10 +75,42 @@ impl Default for EdgeConfig {
             upstream_timeout: Dur::secs(30),
             upstream_down_for: Dur::secs(5),
             coalesce_wait: Dur::secs(10),
+            stale_if_unreachable: Dur::secs(86_400),
             heuristic_fraction: 0.1,
             heuristic_max: Dur::secs(86_400),
             http: HttpLimits::default(),
+            health: EdgeHealth::default(),
             tokens: Vec::new(),
+        }
+    }
+}
+
+/// `[edge.health]`: active probes, on top of the passive skipping of an origin that fails
+/// a request. An origin whose probes fail `fall` times in a row takes no requests until
+/// `rise` probes in a row succeed (a probe succeeds when `GET path` answers below 500).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeHealth {
+    /// Path probed; empty (the default) turns active checks off.
+    pub path: String,
+    /// Time between probes of one origin.
+    pub interval: Dur,
+    /// Time a probe may take.
+    pub timeout: Dur,
+    /// Successes in a row that bring an origin back.
+    pub rise: u32,
+    /// Failures in a row that take an origin out.
+    pub fall: u32,
+}
+
+impl Default for EdgeHealth {
+    fn default() -> Self {
+        EdgeHealth {
+            path: String::new(),
+            interval: Dur::secs(2),
+            timeout: Dur::secs(1),
+            rise: 2,
+            fall: 2,
         }
     }
 }
@@ -90,16 +132,6 @@ impl Default for EdgeCacheConfig {
             max_object_size: Size(8 << 20),
         }
     }
-}
-
-/// Certificate and key for TLS termination (PEM files).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EdgeTls {
-    /// Certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// Private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
 }
 
 impl EdgeConfig {
@@ -149,6 +181,21 @@ impl EdgeConfig {
                 return Err(ConfigError::invalid(path, field, "must be more than 0"));
             }
         }
+        let h = &self.health;
+        if !h.path.is_empty() && !h.path.starts_with('/') {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.health.path",
+                "must start with / (or be empty to turn probes off)",
+            ));
+        }
+        if h.interval.get().is_zero() || h.timeout.get().is_zero() || h.rise == 0 || h.fall == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "edge.health",
+                "interval and timeout must be more than 0, rise and fall at least 1",
+            ));
+        }
         if self.http.max_connections == 0 {
             return Err(ConfigError::invalid(
                 path,
@@ -162,15 +209,8 @@ impl EdgeConfig {
             })?;
         }
         if let Some(tls) = &self.tls {
-            for (field, p) in [("edge.tls.cert", &tls.cert), ("edge.tls.key", &tls.key)] {
-                if !p.is_file() {
-                    return Err(ConfigError::invalid(
-                        path,
-                        field,
-                        format!("{} is not a readable file", p.display()),
-                    ));
-                }
-            }
+            crate::tls::listener_config(tls)
+                .map_err(|e| ConfigError::invalid(path, "edge.tls", e.to_string()))?;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::model::Config;
+use super::model::{Config, Scope};
 use super::secrets;
 use super::storage::{StorageMode, StorageTarget};
 use super::units::Size;
@@ -164,21 +164,58 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    for (i, token) in node.admin_tokens.iter().enumerate() {
+        secrets::resolve_token(token).map_err(|e| {
+            ConfigError::invalid(path, &format!("node.admin_tokens[{i}]"), e.to_string())
+        })?;
+        if !token.scopes.contains(&Scope::Admin) {
+            return Err(ConfigError::invalid(
+                path,
+                &format!("node.admin_tokens[{i}].scopes"),
+                "an admin token needs the admin scope",
+            ));
+        }
+    }
     validate_storage(path, config)?;
+    // A storage node's admin API can promote it: never open to a network.
+    if config.storage.is_some()
+        && config.app.is_none()
+        && node.admin_tokens.is_empty()
+        && config.edge.as_ref().is_none_or(|e| e.tokens.is_empty())
+        && !node.admin.ip().is_loopback()
+    {
+        return Err(ConfigError::invalid(
+            path,
+            "node.admin_tokens",
+            "the admin listener is on a non-loopback address but this storage node has no \
+             tokens to protect it (/admin/promote); add [[node.admin_tokens]] or keep it on loopback",
+        ));
+    }
     if let Some(balancer) = &config.balancer {
         crate::balancer::validate(balancer)
             .map_err(|(field, reason)| ConfigError::invalid(path, &field, reason))?;
-        if config.app.is_none() && !node.admin.ip().is_loopback() {
+        if config.app.is_none() && node.admin_tokens.is_empty() && !node.admin.ip().is_loopback() {
             return Err(ConfigError::invalid(
                 path,
                 "node.admin",
                 "the admin listener is on a non-loopback address but a balancer-only node has \
-                 no tokens to protect it; keep it on loopback",
+                 no tokens to protect it; add [[node.admin_tokens]] or keep it on loopback",
             ));
         }
     }
     if let Some(edge) = &config.edge {
         edge.validate(path)?;
+        // Without an [app] the edge's tokens are the only ones: an exposed admin listener
+        // (purge, reload, status) must have one with the admin scope.
+        let edge_admin = edge.tokens.iter().any(|t| t.scopes.contains(&Scope::Admin));
+        if config.app.is_none() && !node.admin.ip().is_loopback() && !edge_admin {
+            return Err(ConfigError::invalid(
+                path,
+                "node.admin",
+                "the admin listener is on a non-loopback address but no [[edge.tokens]] entry \
+                 has the admin scope to protect it; add one or keep it on loopback",
+            ));
+        }
     }
     if config.roles().is_empty() {
         return Err(ConfigError::invalid(
@@ -378,6 +415,33 @@ mod tests {
     }
 
     #[test]
+    fn storage_only_admin_off_loopback_needs_admin_tokens() {
+        let base = "[node]\nadmin = \"0.0.0.0:9900\"\ncluster_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let c = parse(
+            Path::new("t"),
+            &format!("{base}[storage]\nlisten = \"127.0.0.1:7000\"\n"),
+        )
+        .unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("node.admin_tokens"), "{e}");
+        let read_only = "[[node.admin_tokens]]\nname = \"ops\"\nscopes = [\"read\"]\nvalue = \"t0ken-t0ken-t0ken-t0ken\"\n";
+        let c = parse(
+            Path::new("t"),
+            &format!("{base}{read_only}[storage]\nlisten = \"127.0.0.1:7000\"\n"),
+        )
+        .unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("admin scope"), "{e}");
+        let admin = read_only.replace("\"read\"", "\"admin\"");
+        let c = parse(
+            Path::new("t"),
+            &format!("{base}{admin}[storage]\nlisten = \"127.0.0.1:7000\"\n"),
+        )
+        .unwrap();
+        validate(Path::new("t"), &c).unwrap();
+    }
+
+    #[test]
     fn non_loopback_without_tokens_is_refused() {
         let c = parse(Path::new("t"), "[app]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
         let e = validate(Path::new("t"), &c).unwrap_err().to_string();
@@ -387,6 +451,31 @@ mod tests {
             "[app]\nlisten = \"0.0.0.0:8080\"\nallow_anonymous = true\n",
         )
         .unwrap();
+        validate(Path::new("t"), &c).unwrap();
+    }
+
+    #[test]
+    fn an_exposed_edge_admin_needs_an_admin_token() {
+        let edge = "[edge]\nupstreams = [\"127.0.0.1:1\"]\n";
+        let exposed = format!("[node]\nadmin = \"0.0.0.0:9900\"\n{edge}");
+        let c = parse(Path::new("t"), &exposed).unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("node.admin") && e.contains("edge.tokens"), "{e}");
+        let read_only = format!(
+            "{exposed}[[edge.tokens]]\nname = \"r\"\nscopes = [\"read\"]\nvalue = \"0123456789abcdef\"\n"
+        );
+        let c = parse(Path::new("t"), &read_only).unwrap();
+        assert!(
+            validate(Path::new("t"), &c).is_err(),
+            "a read token does not protect admin"
+        );
+        let admin = format!(
+            "{exposed}[[edge.tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"0123456789abcdef\"\n"
+        );
+        let c = parse(Path::new("t"), &admin).unwrap();
+        validate(Path::new("t"), &c).unwrap();
+        // On loopback no token is needed.
+        let c = parse(Path::new("t"), edge).unwrap();
         validate(Path::new("t"), &c).unwrap();
     }
 

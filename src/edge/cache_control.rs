@@ -49,6 +49,9 @@ pub struct Directives {
     pub min_fresh: Option<u64>,
     /// Request `only-if-cached`: answer from cache or 504.
     pub only_if_cached: bool,
+    /// `must-understand`: store only if the status code is understood, and then even
+    /// despite `no-store` (RFC 9111 §5.2.2.3).
+    pub must_understand: bool,
 }
 
 impl Directives {
@@ -67,6 +70,55 @@ impl Directives {
         let mut d = Directives::default();
         d.parse_into(value.as_bytes(), &mut Seen::default());
         d
+    }
+
+    /// Parses a targeted field such as `CDN-Cache-Control` (RFC 9213 §2.1): its lines
+    /// joined are a Structured Field dictionary (RFC 9651). `None` when the field is
+    /// absent or not a valid dictionary, which the cache then ignores (§2.2). Members of
+    /// the wrong type are ignored one by one — except that any `no-store`, `no-cache` or
+    /// `private` member counts, whatever its value, because ignoring it would be unsafe.
+    pub fn parse_targeted(values: GetAll<'_, HeaderValue>) -> Option<Self> {
+        let mut joined = Vec::new();
+        for v in values {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(v.as_bytes());
+        }
+        if joined.is_empty() {
+            return None;
+        }
+        let dict: sfv::Dictionary = sfv::Parser::new(&joined).parse().ok()?;
+        let mut d = Directives::default();
+        for (key, entry) in &dict {
+            let item = match entry {
+                sfv::ListEntry::Item(item) => Some(item),
+                sfv::ListEntry::InnerList(_) => None,
+            };
+            let int = || {
+                item.and_then(|i| i.bare_item.as_integer())
+                    .and_then(|i| u64::try_from(i64::from(i)).ok())
+                    .map(|v| v.min(DELTA_MAX))
+            };
+            let flag = item.is_some_and(|i| i.bare_item.as_boolean() == Some(true));
+            match key.as_str() {
+                "max-age" => d.max_age = int(),
+                "s-maxage" => d.s_maxage = int(),
+                "stale-while-revalidate" => d.stale_while_revalidate = int(),
+                "stale-if-error" => d.stale_if_error = int(),
+                "no-store" => d.no_store = true,
+                "no-cache" => d.no_cache = true,
+                "private" => d.private = true,
+                "public" => d.public = flag,
+                "must-revalidate" => d.must_revalidate = flag,
+                "proxy-revalidate" => d.proxy_revalidate = flag,
+                "no-transform" => d.no_transform = flag,
+                "immutable" => d.immutable = flag,
+                "must-understand" => d.must_understand = flag,
+                _ => {}
+            }
+        }
+        Some(d)
     }
 
     /// Whether any directive was present at all (used to decide between
@@ -99,6 +151,7 @@ impl Directives {
                 "no-transform" => self.no_transform = true,
                 "immutable" => self.immutable = true,
                 "only-if-cached" => self.only_if_cached = true,
+                "must-understand" => self.must_understand = true,
                 _ => {} // unknown extensions are ignored (§5.2.3)
             }
         }
@@ -256,6 +309,33 @@ mod tests {
         assert!(d.public);
         assert_eq!(d.max_age, Some(9));
         assert!(Directives::parse_all(h.get_all("cdn-cache-control")).is_empty());
+    }
+
+    fn targeted(v: &'static str) -> Option<Directives> {
+        let mut h = http::HeaderMap::new();
+        h.append("cdn-cache-control", HeaderValue::from_static(v));
+        Directives::parse_targeted(h.get_all("cdn-cache-control"))
+    }
+
+    #[test]
+    fn targeted_fields_are_structured_dictionaries() {
+        let d = targeted("max-age=60, stale-if-error=5, must-revalidate").unwrap();
+        assert_eq!((d.max_age, d.stale_if_error), (Some(60), Some(5)));
+        assert!(d.must_revalidate);
+        // Not a dictionary at all: the whole field is ignored (cache-tests
+        // cdn-cc-invalid-sh-type-unknown).
+        assert_eq!(targeted("max-age=10000, &&&&&"), None);
+        // A member of the wrong type is ignored (cdn-cc-invalid-sh-type-wrong).
+        assert!(targeted("max-age=\"10000\"").unwrap().is_empty());
+        assert_eq!(targeted("max-age=-5").unwrap().max_age, None);
+        // Restrictive members count whatever their value.
+        assert!(targeted("private=\"set-cookie\"").unwrap().private);
+        assert!(targeted("no-store=?0").unwrap().no_store);
+        assert!(!targeted("public=?0").unwrap().public);
+        assert_eq!(
+            targeted("max-age=2147483648").unwrap().max_age,
+            Some(DELTA_MAX)
+        );
     }
 
     #[test]

@@ -43,6 +43,7 @@ use crate::config::edge::EdgeConfig;
 use crate::http::admin::Component;
 use crate::http::body::{self, Body};
 use crate::http::problem::Problem;
+use crate::http::server::Tls;
 use crate::metrics::Metrics;
 
 /// Why the edge could not start.
@@ -51,6 +52,17 @@ pub enum EdgeError {
     /// The object store refused its configuration.
     #[error("edge cache: {0}")]
     Cache(#[from] crate::cache::CacheConfigError),
+    /// The TLS certificates could not be loaded.
+    #[error("edge.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// A reload, prepared: everything that can fail (certificates) is done; applying it
+/// cannot fail.
+pub struct Prepared {
+    live: Live,
+    max_bytes: u64,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Settings of one config version, swapped whole on reload.
@@ -61,6 +73,8 @@ struct Live {
     compress: bool,
     purge_method: bool,
     coalesce_wait: Duration,
+    stale_if_unreachable: u64,
+    health: crate::config::edge::EdgeHealth,
 }
 
 impl Live {
@@ -75,6 +89,8 @@ impl Live {
             compress: cfg.compress,
             purge_method: cfg.purge_method,
             coalesce_wait: cfg.coalesce_wait.get(),
+            stale_if_unreachable: cfg.stale_if_unreachable.get().as_secs(),
+            health: cfg.health.clone(),
         }
     }
 }
@@ -100,6 +116,7 @@ fn bump(c: &AtomicU64) {
 /// The edge role's state. Share it in an `Arc`.
 pub struct Edge {
     live: ArcSwap<Live>,
+    tls: Option<Tls>,
     store: Store,
     flights: Coalescer,
     counters: Counters,
@@ -119,12 +136,19 @@ struct Ask {
 /// `Cache-Status` of a fresh hit: built once.
 const HIT: HeaderValue = HeaderValue::from_static("strata; hit");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// Smallest body the edge compresses (and so lets vary on `Accept-Encoding`).
+const MIN_COMPRESS: usize = 128;
 
 impl Edge {
     /// Builds the role from its config and registers its metrics.
     pub fn new(cfg: &EdgeConfig, metrics: &Metrics) -> Result<Arc<Self>, EdgeError> {
+        let tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(ArcSwap::new(crate::tls::listener_config(t)?))),
+            None => None,
+        };
         let edge = Arc::new(Edge {
             live: ArcSwap::from_pointee(Live::new(cfg)),
+            tls,
             store: Store::new(cfg.cache.max_bytes.bytes())?,
             flights: Coalescer::default(),
             counters: Counters::default(),
@@ -133,11 +157,57 @@ impl Edge {
         Ok(edge)
     }
 
-    /// Applies a reloaded config: upstreams, rules and sizes change without dropping a
-    /// request (in-flight requests finish with the settings they started with).
-    pub fn apply(&self, cfg: &EdgeConfig) {
-        self.store.set_capacity(cfg.cache.max_bytes.bytes());
-        self.live.store(Arc::new(Live::new(cfg)));
+    /// The TLS config in force when the listener terminates TLS; swapped on reload, so
+    /// the next handshake uses the new certificates.
+    pub fn tls(&self) -> Option<Tls> {
+        self.tls.clone()
+    }
+
+    /// Builds everything a reload needs (loads and checks the certificates); nothing
+    /// changes until [`Edge::apply`].
+    pub fn prepare(&self, cfg: &EdgeConfig) -> Result<Prepared, EdgeError> {
+        let tls = match (&cfg.tls, &self.tls) {
+            (Some(t), Some(_)) => Some(crate::tls::listener_config(t)?),
+            _ => None,
+        };
+        Ok(Prepared {
+            live: Live::new(cfg),
+            max_bytes: cfg.cache.max_bytes.bytes(),
+            tls,
+        })
+    }
+
+    /// Applies a prepared reload: upstreams, rules, sizes and certificates change without
+    /// dropping a request (in-flight requests finish with the settings they started with;
+    /// open connections keep their TLS session). A smaller cache evicts at once.
+    pub fn apply(&self, prepared: Prepared) {
+        self.store.set_capacity(prepared.max_bytes);
+        self.live.store(Arc::new(prepared.live));
+        if let (Some(cfg), Some(slot)) = (prepared.tls, &self.tls) {
+            slot.store(cfg);
+        }
+    }
+
+    /// Probes the origins every `health.interval` while `health.path` is set (re-read
+    /// each round, so reload turns probes on, off or elsewhere), until shutdown.
+    pub async fn run_health(self: Arc<Self>, mut shutdown: crate::http::server::Shutdown) {
+        loop {
+            let live = self.live.load_full();
+            let interval = if live.health.path.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                tokio::select! {
+                    _ = live.upstreams.probe_all(&live.health) => {}
+                    _ = crate::http::server::wait_for(&mut shutdown) => return,
+                }
+                live.health.interval.get()
+            };
+            drop(live);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = crate::http::server::wait_for(&mut shutdown) => return,
+            }
+        }
     }
 
     fn register_metrics(self: &Arc<Self>, metrics: &Metrics) {
@@ -404,7 +474,7 @@ impl Edge {
             Ok(r) => r,
             Err(e) => {
                 bump(&self.counters.upstream_errors);
-                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502);
+                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502, live);
             }
         };
         let response_time = policy::now_secs();
@@ -425,7 +495,7 @@ impl Edge {
             if status.is_server_error() {
                 bump(&self.counters.upstream_errors);
                 if obj.freshness.stale_if_error(&ask.cc, response_time) {
-                    return self.upstream_failed(ask, Some(obj), "", status.as_u16());
+                    return self.upstream_failed(ask, Some(obj), "", status.as_u16(), live);
                 }
             }
         }
@@ -485,11 +555,11 @@ impl Edge {
             Err(e) => {
                 bump(&self.counters.upstream_errors);
                 tracing::warn!(url = %ask.primary, error = %e, "upstream body failed; not stored");
-                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502);
+                return self.upstream_failed(ask, stale.as_deref(), &e.to_string(), 502, live);
             }
         };
         if declared_len.is_some_and(|l| l != body.len() as u64) {
-            return self.upstream_failed(ask, stale.as_deref(), "body length mismatch", 502);
+            return self.upstream_failed(ask, stale.as_deref(), "body length mismatch", 502, live);
         }
         let set_cookies: Vec<HeaderValue> = parts
             .headers
@@ -523,7 +593,8 @@ impl Edge {
         } else {
             format!("strata; fwd={fwd}; fwd-status={fwd_status}")
         };
-        let mut resp = self.serve(ask, &obj, hv(status_line), policy::now_secs());
+        // The body just came from the origin: not counted as served from cache.
+        let mut resp = self.respond(ask, &obj, hv(status_line), policy::now_secs(), false);
         for c in set_cookies {
             resp.headers_mut().append(header::SET_COOKIE, c);
         }
@@ -578,24 +649,37 @@ impl Edge {
         self.serve(ask, &updated, HeaderValue::from_static(s), response_time)
     }
 
-    /// The origin failed (no answer, broken body, or 5xx): serve stale where allowed,
-    /// otherwise a 502/504 problem.
+    /// The origin failed (no answer, broken body — `why` says how — or a 5xx, with `why`
+    /// empty): serve stale where `stale-if-error` allows, or where the origin could not be
+    /// reached and `stale_if_unreachable` allows; otherwise a 502/504 problem.
     fn upstream_failed(
         &self,
         ask: &Ask,
         stale: Option<&Object>,
         why: &str,
         fwd_status: u16,
+        live: &Live,
     ) -> Response<Body> {
         let now = policy::now_secs();
         if let Some(obj) = stale {
-            if obj.freshness.stale_if_error(&ask.cc, now) {
+            let detail = if obj.freshness.stale_if_error(&ask.cc, now) {
+                Some("stale-if-error")
+            } else if !why.is_empty()
+                && obj
+                    .freshness
+                    .stale_if_unreachable(live.stale_if_unreachable, now)
+            {
+                Some("origin-unreachable")
+            } else {
+                None
+            };
+            if let Some(detail) = detail {
                 bump(&self.counters.stale_served);
                 return self.serve(
                     ask,
                     obj,
                     hv(format!(
-                        "strata; fwd=stale; fwd-status={fwd_status}; detail=stale-if-error"
+                        "strata; fwd=stale; fwd-status={fwd_status}; detail={detail}"
                     )),
                     now,
                 );
@@ -657,12 +741,14 @@ impl Edge {
             && identity
             && !cc.no_transform
             && policy::compressible(headers.get(header::CONTENT_TYPE));
-        if transformable {
+        // Bodies too small to be worth compressing are the same for every client, so they
+        // neither get compressed nor vary on Accept-Encoding.
+        if transformable && body.len() >= MIN_COMPRESS {
             // Every stored copy of a compressible type varies on the client's coding.
             if !policy::vary_fields(&headers).is_ok_and(|f| f.contains(&header::ACCEPT_ENCODING)) {
                 headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
             }
-            if ask.coding != Coding::Identity && body.len() >= 128 {
+            if ask.coding != Coding::Identity {
                 let coding = ask.coding;
                 let input = body.clone();
                 let compressed = if input.len() > 64 * 1024 {
@@ -716,6 +802,18 @@ impl Edge {
         obj: &Object,
         cache_status: HeaderValue,
         now: u64,
+    ) -> Response<Body> {
+        self.respond(ask, obj, cache_status, now, true)
+    }
+
+    /// [`Edge::serve`], saying whether the body counts as bytes served from cache.
+    fn respond(
+        &self,
+        ask: &Ask,
+        obj: &Object,
+        cache_status: HeaderValue,
+        now: u64,
+        from_cache: bool,
     ) -> Response<Body> {
         let age = HeaderValue::from(obj.freshness.age(now));
         if obj.status == StatusCode::OK && policy::not_modified(&ask.headers, &obj.headers) {
@@ -774,9 +872,11 @@ impl Edge {
         let body = if ask.method == Method::HEAD {
             body::empty()
         } else {
-            self.counters
-                .bytes_from_cache
-                .fetch_add(n as u64, Ordering::Relaxed);
+            if from_cache {
+                self.counters
+                    .bytes_from_cache
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
             body::full(body_bytes)
         };
         let mut resp = Response::new(body);
@@ -826,7 +926,7 @@ impl Edge {
                 set_status(&mut r, s);
                 r
             }
-            Err(e) => self.upstream_failed(&ask, None, &e.to_string(), 502),
+            Err(e) => self.upstream_failed(&ask, None, &e.to_string(), 502, live),
         }
     }
 

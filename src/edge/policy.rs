@@ -14,8 +14,13 @@
 //! - A request carrying `Authorization` is answered from the cache only when the stored
 //!   response says `public`, `s-maxage` or `must-revalidate` (§3.5).
 //! - `Vary: *` is never stored (it could never be reused).
-//! - Only complete responses to GET (HEAD is answered from GET) with status codes we
-//!   understand are stored; partial (206) responses are not.
+//! - Only complete responses to GET (HEAD is answered from GET) are stored: any final
+//!   status with explicit freshness (§3), heuristically cacheable ones also without;
+//!   partial (206) responses are not.
+//! - When the origin cannot be reached at all (connection refused, reset, timed out — not
+//!   when it answers 5xx), a stale response may be served for up to `stale_if_unreachable`
+//!   (§4.2.4 "disconnected"), unless `must-revalidate`, `proxy-revalidate`, `s-maxage` or
+//!   `no-cache` forbid stale use.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -76,9 +81,10 @@ pub enum NotStorable {
 /// The directives that govern caching of a response: `CDN-Cache-Control` when present,
 /// otherwise `Cache-Control`.
 pub fn response_directives(headers: &HeaderMap) -> Directives {
-    let cdn = Directives::parse_all(headers.get_all(CDN_CACHE_CONTROL));
-    if headers.contains_key(CDN_CACHE_CONTROL) && !cdn.is_empty() {
-        return cdn;
+    if let Some(cdn) = Directives::parse_targeted(headers.get_all(CDN_CACHE_CONTROL)) {
+        if !cdn.is_empty() {
+            return cdn;
+        }
     }
     Directives::parse_all(headers.get_all(header::CACHE_CONTROL))
 }
@@ -96,10 +102,20 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
-/// Status codes this cache stores at all (heuristic ones need no explicit freshness; the
-/// others only with it).
+/// Status codes whose semantics this cache understands (RFC 9110 §15), for
+/// `must-understand`.
 fn understood(status: StatusCode) -> bool {
-    heuristically_cacheable(status) || matches!(status.as_u16(), 302 | 307)
+    heuristically_cacheable(status)
+        || matches!(
+            status.as_u16(),
+            201..=203 | 302 | 303 | 307 | 400..=417 | 421..=422 | 426 | 500..=505
+        )
+}
+
+/// Final statuses that may be stored with explicit freshness (§3: any final status; a
+/// 206 is partial and a 304 is not a complete response, so neither is stored whole).
+fn final_storable(status: StatusCode) -> bool {
+    status.as_u16() >= 200 && !matches!(status.as_u16(), 206 | 304)
 }
 
 /// Whether the response to this GET may be stored (RFC 9111 §3 plus the choices above).
@@ -115,10 +131,11 @@ pub fn storable(
     if method != Method::GET {
         return Err(NotStorable::Method);
     }
-    if !understood(status) {
+    if !final_storable(status) || (cc.must_understand && !understood(status)) {
         return Err(NotStorable::Status);
     }
-    if cc.no_store || request_directives(req_headers).no_store {
+    // `must-understand` with an understood status overrides the response's `no-store`.
+    if (cc.no_store && !cc.must_understand) || request_directives(req_headers).no_store {
         return Err(NotStorable::NoStore);
     }
     if cc.private {
@@ -197,6 +214,9 @@ pub fn initial_age(headers: &HeaderMap, request_time: u64, response_time: u64) -
     let age_value = headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
+        // A list (`7200, 0`) is invalid; its first member is the safe reading (the oldest
+        // claim wins), as the first of several lines is.
+        .and_then(|v| v.split(',').next())
         .and_then(super::cache_control::parse_delta)
         .unwrap_or(0);
     let date_value = http_date(headers, header::DATE).unwrap_or(response_time);
@@ -303,6 +323,14 @@ impl Freshness {
             return Reuse::StaleWhileRevalidate;
         }
         Reuse::Revalidate
+    }
+
+    /// Whether a stale copy may answer because the origin cannot be reached at all
+    /// (§4.2.4: a disconnected cache may serve stale), for at most `limit` seconds of
+    /// staleness; never where stale use is forbidden.
+    pub fn stale_if_unreachable(&self, limit: u64, now: u64) -> bool {
+        let staleness = self.age(now).saturating_sub(self.lifetime);
+        !self.no_stale && limit > 0 && staleness <= limit
     }
 
     /// Whether a stale copy may answer when the origin failed (RFC 5861 `stale-if-error`,

@@ -5,7 +5,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Sleep;
 
-use crate::config::edge::EdgeConfig;
+use crate::balancer::health::{self, Active};
+use crate::config::edge::{EdgeConfig, EdgeHealth};
 use crate::http::body::{self, Body, BodyError};
 
 /// Why an upstream request failed.
@@ -56,6 +58,9 @@ struct Upstream {
     /// Milliseconds since `origin` until which this upstream is skipped.
     down_until: AtomicU64,
     failures: AtomicU64,
+    /// What the active probes say (true while probes are off or not yet decided).
+    probed_up: AtomicBool,
+    probes: Mutex<Active>,
 }
 
 impl Upstreams {
@@ -77,6 +82,8 @@ impl Upstreams {
                     authority: a.clone(),
                     down_until: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
+                    probed_up: AtomicBool::new(true),
+                    probes: Mutex::new(Active::new()),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -104,8 +111,40 @@ impl Upstreams {
         let now = self.now_ms();
         (0..n)
             .map(|i| (start + i) % n)
-            .find(|&i| self.list[i].down_until.load(Ordering::Relaxed) <= now)
+            .find(|&i| self.list[i].available(now))
             .unwrap_or(start % n)
+    }
+
+    /// Probes every upstream once (concurrently) and updates their probe state; an
+    /// upstream going down or coming back is logged.
+    pub async fn probe_all(&self, h: &EdgeHealth) {
+        let timeout = h.timeout.get();
+        let results = futures_util::future::join_all(self.list.iter().map(|u| async move {
+            let addr = tokio::time::timeout(timeout, tokio::net::lookup_host(&u.authority))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|mut a| a.next());
+            match addr {
+                Some(a) => health::probe(a, &h.path, timeout).await,
+                None => false,
+            }
+        }))
+        .await;
+        for (u, ok) in self.list.iter().zip(results) {
+            let changed = match u.probes.lock() {
+                Ok(mut a) => a.observe(ok, h.rise, h.fall),
+                Err(_) => None,
+            };
+            if let Some(up) = changed {
+                u.probed_up.store(up, Ordering::Relaxed);
+                if up {
+                    tracing::info!(upstream = %u.authority, "edge upstream is back (probes pass)");
+                } else {
+                    tracing::warn!(upstream = %u.authority, path = %h.path, "edge upstream is down (probes fail)");
+                }
+            }
+        }
     }
 
     fn mark_down(&self, i: usize) {
@@ -169,11 +208,19 @@ impl Upstreams {
             .map(|u| {
                 serde_json::json!({
                     "upstream": u.authority,
-                    "healthy": u.down_until.load(Ordering::Relaxed) <= now,
+                    "healthy": u.available(now),
+                    "probes_pass": u.probed_up.load(Ordering::Relaxed),
                     "failures": u.failures.load(Ordering::Relaxed),
                 })
             })
             .collect()
+    }
+}
+
+impl Upstream {
+    /// Takes requests: the probes pass and no recent request failed on it.
+    fn available(&self, now: u64) -> bool {
+        self.probed_up.load(Ordering::Relaxed) && self.down_until.load(Ordering::Relaxed) <= now
     }
 }
 

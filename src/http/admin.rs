@@ -154,12 +154,10 @@ impl Admin {
             "ready": not_ready.is_empty(),
             "not_ready": not_ready,
             "uptime_seconds": self.started.elapsed().as_secs(),
+            "pid": std::process::id(),
             "config": {
                 "version": config::version(&cfg),
-                "source": match self.live.source() {
-                    config::Source::File(p) => p.display().to_string(),
-                    config::Source::Default => "<built-in default>".to_owned(),
-                },
+                "source": self.live.source().describe(),
                 "last_reload": self.last_reload.lock().ok().and_then(|l| l.clone()),
             },
             "components": roles,

@@ -105,14 +105,17 @@ impl Node {
                 }
             };
             let addr = || {
-                line.split("http://")
+                line.split("://")
                     .nth(1)
                     .and_then(|r| r.split_whitespace().next())
                     .and_then(|a| a.parse::<SocketAddr>().ok())
             };
             if let Some(role) = line
                 .strip_prefix("strata: ")
-                .and_then(|r| r.split_once(" listening on http://"))
+                .and_then(|r| {
+                    r.split_once(" listening on http://")
+                        .or_else(|| r.split_once(" listening on https://"))
+                })
                 .map(|(role, _)| role.to_owned())
             {
                 if let Some(a) = addr() {

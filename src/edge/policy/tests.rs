@@ -107,13 +107,23 @@ fn statuses() {
         Err(NotStorable::Status)
     );
     assert_eq!(
-        store(&[], 500, &[("cache-control", "max-age=60")]),
+        store(&[], 304, &[("cache-control", "max-age=60")]),
         Err(NotStorable::Status)
     );
-    assert_eq!(
-        store(&[], 503, &[("cache-control", "max-age=60")]),
-        Err(NotStorable::Status)
-    );
+    // Any final status may be stored with explicit freshness (§3; cache-tests
+    // status-500-fresh, status-299-fresh and their -stale follow-ups).
+    for code in [299, 303, 400, 499, 500, 502, 503, 504, 599] {
+        assert_eq!(
+            store(&[], code, &[("cache-control", "max-age=60")]),
+            Ok(()),
+            "{code}"
+        );
+        assert_eq!(
+            store(&[], code, &[("last-modified", &date(T0 - 1000))]),
+            Err(NotStorable::Status),
+            "{code}: no heuristics"
+        );
+    }
     assert_eq!(store(&[], 404, &[("cache-control", "max-age=60")]), Ok(()));
     assert_eq!(store(&[], 301, &[("cache-control", "max-age=60")]), Ok(()));
     // 302 only with explicit freshness.
@@ -660,4 +670,74 @@ fn hop_by_hop_fields_are_stripped() {
     strip_hop_by_hop(&mut m);
     assert_eq!(m.len(), 1);
     assert!(m.contains_key("x-ok"));
+}
+
+#[test]
+fn must_understand_overrides_no_store_only_for_understood_statuses() {
+    let cc = [("cache-control", "max-age=60, must-understand, no-store")];
+    assert_eq!(store(&[], 200, &cc), Ok(()));
+    assert_eq!(store(&[], 599, &cc), Err(NotStorable::Status));
+    assert_eq!(
+        store(
+            &[],
+            599,
+            &[("cache-control", "max-age=60, must-understand")]
+        ),
+        Err(NotStorable::Status)
+    );
+    // The request's no-store still wins.
+    assert_eq!(
+        store(&[("cache-control", "no-store")], 200, &cc),
+        Err(NotStorable::NoStore)
+    );
+}
+
+#[test]
+fn an_age_list_counts_its_first_member() {
+    // cache-tests age-parse-suffix / age-parse-prefix: `Age: 7200, 0` is old.
+    assert_eq!(initial_age(&h(&[("age", "7200, 0")]), T0, T0), 7200);
+    assert_eq!(initial_age(&h(&[("age", "0, 7200")]), T0, T0), 0);
+    let f = fresh(
+        &[("cache-control", "max-age=3600"), ("age", "7200, 0")],
+        T0,
+        T0,
+    );
+    assert_eq!(
+        f.reuse(&Directives::default(), false, T0),
+        Reuse::Revalidate
+    );
+}
+
+#[test]
+fn invalid_cdn_cache_control_falls_back_to_cache_control() {
+    // cache-tests cdn-cc-invalid-sh-type-unknown and -wrong: the targeted field is not a
+    // valid dictionary / has the wrong type, so Cache-Control: no-store governs.
+    for cdn in ["max-age=10000, &&&&&", "max-age=\"10000\""] {
+        let r = [("cdn-cache-control", cdn), ("cache-control", "no-store")];
+        assert!(response_directives(&h(&r)).no_store, "{cdn}");
+        assert_eq!(store(&[], 200, &r), Err(NotStorable::NoStore), "{cdn}");
+    }
+    // A valid one still wins over Cache-Control.
+    let r = [
+        ("cdn-cache-control", "max-age=100"),
+        ("cache-control", "no-store"),
+    ];
+    assert_eq!(store(&[], 200, &r), Ok(()));
+}
+
+#[test]
+fn stale_when_unreachable_within_the_limit_unless_forbidden() {
+    let f = fresh(&[("cache-control", "max-age=10")], T0, T0);
+    assert!(f.stale_if_unreachable(100, T0 + 110));
+    assert!(!f.stale_if_unreachable(100, T0 + 111));
+    assert!(!f.stale_if_unreachable(0, T0 + 11), "0 turns it off");
+    for cc in [
+        "max-age=10, must-revalidate",
+        "max-age=10, proxy-revalidate",
+        "s-maxage=10",
+        "max-age=10, no-cache",
+    ] {
+        let f = fresh(&[("cache-control", cc)], T0, T0);
+        assert!(!f.stale_if_unreachable(100, T0 + 20), "{cc}");
+    }
 }
