@@ -1,4 +1,5 @@
-//! The `strata` command line: `serve`, `check`, `promote`.
+//! The `strata` command line: `serve`, `check`, `promote`, `restore`, `reload`, `status`,
+//! `fleet`.
 
 use std::path::PathBuf;
 
@@ -23,12 +24,61 @@ pub enum Command {
         /// The node's TOML config; its sections choose the roles.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Adjustments to the config file (kept on reload).
+        #[command(flatten)]
+        adjust: Adjust,
     },
     /// Validate a config and print the effective one (defaults filled in).
     Check {
         /// The TOML config to check.
         #[arg(long, short)]
         config: PathBuf,
+        /// Adjustments to the config file.
+        #[command(flatten)]
+        adjust: Adjust,
+    },
+    /// Run every node config (*.toml) of a directory as child processes: prefixed logs,
+    /// wait until all are ready, print their URLs, forward SIGHUP and SIGTERM.
+    Fleet {
+        /// The directory of node configs, e.g. config/stage6.
+        dir: PathBuf,
+        /// Adjustments passed to every node.
+        #[command(flatten)]
+        adjust: Adjust,
+        /// How long every node has to report ready.
+        #[arg(long, default_value = "60s")]
+        ready_timeout: humantime::Duration,
+    },
+    /// Print a table of node, roles, readiness, config version, LSN and lag, cache hit
+    /// ratios and backend health, from each node's /admin/status.
+    Status {
+        /// An admin address (host:port), a node config file, or a fleet directory.
+        target: String,
+        /// An admin-scoped bearer token (or STRATA_ADMIN_TOKEN); default: the first admin
+        /// token the config names, when its value is available.
+        #[arg(long)]
+        token: Option<String>,
+        /// Adjustments, as given to `strata fleet` / `strata serve`.
+        #[command(flatten)]
+        adjust: Adjust,
+    },
+    /// Make nodes re-read their config (POST /admin/reload); prints each node's outcome
+    /// and fails if any refused.
+    Reload {
+        /// An admin address (host:port), a node config file, or a fleet directory.
+        target: Option<String>,
+        /// The node's config file (its admin address and token are read from it).
+        #[arg(long, short, conflicts_with_all = ["target", "admin"])]
+        config: Option<PathBuf>,
+        /// The node's admin listener, host:port.
+        #[arg(long, conflicts_with = "target")]
+        admin: Option<String>,
+        /// An admin-scoped bearer token (or STRATA_ADMIN_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+        /// Adjustments, as given to `strata fleet` / `strata serve`.
+        #[command(flatten)]
+        adjust: Adjust,
     },
     /// Promote a storage replica to primary of a new epoch (POST /admin/promote). Stop
     /// or fence the old primary first; see the README's failover procedure.
@@ -40,14 +90,45 @@ pub enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Restore a backup (from `GET /admin/backup`) into a new data directory, checking
+    /// it completely first; prints the LSN, record count and content hash.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create (must not exist or be empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+/// `--port-offset` and `--data-root`: run shipped configs on other ports and data
+/// directories without editing them (two fleets on one laptop; tests).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Adjust {
+    /// Add N to every port the config names (listeners and the addresses it connects to).
+    #[arg(long, default_value_t = 0)]
+    pub port_offset: u16,
+    /// Place relative data directories under this directory.
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+}
+
+impl Adjust {
+    fn overrides(&self) -> config::Overrides {
+        config::Overrides {
+            port_offset: self.port_offset,
+            data_root: self.data_root.clone(),
+        }
+    }
 }
 
 /// Parses the command line and runs the command; the binary's `main` is just this.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => {
-            let c = config::load::load_file(&config)?;
+        Command::Check { config, adjust } => {
+            let c = Source::file(config.clone(), adjust.overrides()).load()?;
             print!("{}", toml::to_string_pretty(&c)?);
             eprintln!("{}: ok (roles: {})", config.display(), c.roles().join(", "));
             Ok(())
@@ -57,16 +138,108 @@ pub fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let token = token.or_else(|| std::env::var("STRATA_ADMIN_TOKEN").ok());
-            let (status, body) = runtime.block_on(post(&admin, "/admin/promote", token))?;
+            let (status, body) = runtime.block_on(crate::fleet::client::call(
+                http::Method::POST,
+                &admin,
+                "/admin/promote",
+                token.as_deref(),
+                std::time::Duration::from_secs(30),
+            ))?;
             println!("{}", body.trim_end());
             if !(200..300).contains(&status) {
                 anyhow::bail!("promotion refused (HTTP {status})");
             }
             Ok(())
         }
-        Command::Serve { config } => {
+        Command::Fleet {
+            dir,
+            adjust,
+            ready_timeout,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(crate::fleet::run(crate::fleet::FleetOptions {
+                dir,
+                overrides: adjust.overrides(),
+                ready_timeout: ready_timeout.into(),
+            }))?;
+            Ok(())
+        }
+        Command::Status {
+            target,
+            token,
+            adjust,
+        } => {
+            let token = token.or_else(|| std::env::var("STRATA_ADMIN_TOKEN").ok());
+            let targets = crate::fleet::targets(&target, &adjust.overrides(), token)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (table, all_ready) = runtime.block_on(crate::fleet::status(&targets));
+            print!("{table}");
+            if !all_ready {
+                anyhow::bail!("not every node is ready");
+            }
+            Ok(())
+        }
+        Command::Reload {
+            target,
+            config,
+            admin,
+            token,
+            adjust,
+        } => {
+            let token = token.or_else(|| std::env::var("STRATA_ADMIN_TOKEN").ok());
+            let spec = match (target, config, admin) {
+                (Some(t), _, _) | (None, None, Some(t)) => t,
+                (None, Some(c), _) => c.display().to_string(),
+                (None, None, None) => {
+                    anyhow::bail!(
+                        "name a node: an admin address, --config FILE or a fleet directory"
+                    )
+                }
+            };
+            let targets = crate::fleet::targets(&spec, &adjust.overrides(), token)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (lines, ok) = runtime.block_on(crate::fleet::reload(&targets));
+            for l in lines {
+                println!("{l}");
+            }
+            if !ok {
+                anyhow::bail!("not every node applied its config");
+            }
+            Ok(())
+        }
+        Command::Restore { from, data_dir } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let file = std::fs::File::open(&from)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?;
+            let retention = config::Config::default().node.log_retention;
+            let restored = runtime.block_on(crate::storage::backup::restore(
+                std::io::BufReader::new(file),
+                &data_dir,
+                retention,
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&restored)?);
+            eprintln!(
+                "strata: restored {} records at LSN {} into {}",
+                restored.records,
+                restored.lsn,
+                restored.data_dir.display()
+            );
+            Ok(())
+        }
+        Command::Serve { config, adjust } => {
             init_tracing();
-            let source = config.map_or(Source::Default, Source::File);
+            if !crate::fleet::stop_with_parent() {
+                anyhow::bail!("the strata fleet that started this node is gone");
+            }
+            let source = config.map_or(Source::Default, |c| Source::file(c, adjust.overrides()));
             // On one core a current-thread runtime skips the work-stealing machinery and
             // its cross-thread wake-ups; blocking work still goes to the blocking pool.
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -83,41 +256,6 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// A minimal HTTP/1.1 POST to an admin listener (no body), with a deadline: returns the
-/// status and the response body.
-async fn post(addr: &str, path: &str, token: Option<String>) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await?;
-        Ok::<_, std::io::Error>(out)
-    };
-    let out = tokio::time::timeout(std::time::Duration::from_secs(30), exchange)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer from {addr} within 30s"))??;
-    let text = String::from_utf8_lossy(&out);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("{addr} did not answer HTTP"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    // Chunked bodies: keep only the JSON part for the operator.
-    let body = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) if a < b => &body[a..=b],
-        _ => body,
-    };
-    Ok((status, body.to_owned()))
 }
 
 fn init_tracing() {

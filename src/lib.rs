@@ -4,12 +4,13 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`cli`] | the `strata` command line (`serve`, `check`, `promote`) |
+//! | [`cli`] | the `strata` command line (`serve`, `check`, `promote`, `restore`, `reload`, `status`, `fleet`) |
+//! | [`fleet`] | `strata fleet` (nodes of a directory as child processes), `strata status`, `strata reload` |
 //! | [`config`] | the TOML model, loading with file:line:col errors, secrets, live copy |
 //! | [`node`] | starting the roles a config names; reload on SIGHUP; ordered shutdown |
 //! | [`http`] | body type, problem+json, bearer auth, listeners (limits, drain), admin endpoints |
 //! | [`app`] | the app role: routing, data API handlers, static files |
-//! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine, the storage server and its client |
+//! | [`storage`] | keys and records, the [`storage::Store`] handle, the sled engine, the storage server and its client, backups |
 //! | [`tls`] | rustls server and client configs from PEM files (storage links; later the edge) |
 //! | [`edge`] | the edge role: RFC 9111 HTTP cache, Vary-keyed object store, coalescing, purge |
 //! | [`cache`] | the byte-bounded, LSN-gated, scan-resistant cache the app and edge roles share |
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod edge;
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -6,6 +6,7 @@
 //! instructions per request under callgrind, two lookups per request), so the request path
 //! keeps its own map of resolved handles keyed by the `'static` labels with a fast hasher.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,6 +150,22 @@ impl Metrics {
         }
     }
 
+    /// Requests answered so far per role, for `/admin/status` (the dashboard computes rates
+    /// from successive readings). Sums the per-route handles; nothing on the request path.
+    pub fn requests_by_role(&self) -> BTreeMap<String, RoleRequests> {
+        let mut out: BTreeMap<String, RoleRequests> = BTreeMap::new();
+        for h in self.handles.iter() {
+            let (role, _, status) = *h.key();
+            let n = h.value().requests.get();
+            let entry = out.entry(role.to_owned()).or_default();
+            entry.total += n;
+            if status >= 500 {
+                entry.errors += n;
+            }
+        }
+        out
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         if let Ok(refreshers) = self.refreshers.lock() {
@@ -162,6 +179,15 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Requests one role answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoleRequests {
+    /// Every answered request.
+    pub total: u64,
+    /// Those answered with a 5xx status.
+    pub errors: u64,
 }
 
 #[cfg(test)]
@@ -181,5 +207,31 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("strata_records 42"), "{text}");
+    }
+
+    #[test]
+    fn requests_are_summed_by_role() {
+        let m = Metrics::new();
+        assert!(m.requests_by_role().is_empty());
+        m.observe_request("app", "record", 200, Duration::from_millis(1));
+        m.observe_request("app", "record", 200, Duration::from_millis(1));
+        m.observe_request("app", "list", 503, Duration::from_millis(1));
+        m.observe_request("admin", "status", 200, Duration::from_millis(1));
+        let by_role = m.requests_by_role();
+        assert_eq!(
+            by_role["app"],
+            RoleRequests {
+                total: 3,
+                errors: 1
+            }
+        );
+        assert_eq!(
+            by_role["admin"],
+            RoleRequests {
+                total: 1,
+                errors: 0
+            }
+        );
+        assert_eq!(by_role.len(), 2);
     }
 }

@@ -70,6 +70,11 @@ pub enum NodeError {
 /// The parts of a running node that reload touches.
 struct Running {
     live: Arc<LiveConfig>,
+    /// Checksum of the config file's bytes as the last reload (or the start) read them:
+    /// the file watcher reloads only when the file holds something else.
+    seen: std::sync::Mutex<Option<u32>>,
+    storage: Option<Arc<crate::storage::replication::Replication>>,
+    remote: Option<Arc<RemoteStore>>,
     tokens: Arc<ArcSwap<Tokens>>,
     app: Option<Arc<App>>,
     balancer: Option<Arc<Balancer>>,
@@ -82,6 +87,12 @@ impl Running {
         let old = self.live.get();
         let refused =
             |why: String| ReloadReport::now(false, config::version(&old), why, Vec::new());
+        if let Some(path) = self.live.source().path() {
+            let sum = std::fs::read(path).ok().map(|b| crc32fast::hash(&b));
+            if let Ok(mut seen) = self.seen.lock() {
+                *seen = sum;
+            }
+        }
         let new = match self.live.source().load() {
             Ok(c) => c,
             Err(e) => return refused(e.to_string()),
@@ -112,6 +123,15 @@ impl Running {
             },
             _ => None,
         };
+        // Last fallible step: it may start connecting to added replicas, and dropping it
+        // unused stops them again.
+        let routing = match (&self.remote, new.app.as_ref().map(|a| &a.storage)) {
+            (Some(r), Some(StorageTarget::Remote(cfg))) => match r.prepare(cfg) {
+                Ok(p) => Some(p),
+                Err(e) => return refused(e.to_string()),
+            },
+            _ => None,
+        };
         let restart: Vec<String> = config::restart_required(&old, &new)
             .into_iter()
             .map(str::to_owned)
@@ -125,6 +145,12 @@ impl Running {
         }
         if let (Some(e), Some(p)) = (&self.edge, edge) {
             e.apply(p);
+        }
+        if let (Some(repl), Some(cfg)) = (&self.storage, &new.storage) {
+            repl.apply(cfg);
+        }
+        if let (Some(r), Some(p)) = (&self.remote, routing) {
+            r.apply(p);
         }
         let version = config::version(&new);
         self.live.store(new);
@@ -152,6 +178,8 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     let admin = Admin::new(live.clone(), metrics.clone(), tokens.clone());
     let grace = config.node.shutdown_grace.get();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut storage_repl = None;
+    let mut remote_store = None;
     let embedded_app = config
         .app
         .as_ref()
@@ -168,6 +196,10 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         config.node.name,
         config.roles().join(", ")
     );
+    if let Some(e) = &engine {
+        let e = e.clone();
+        admin.set_backup(Box::new(move || crate::storage::backup::spawn(e.clone())));
+    }
     if let (Some(st), Some(e)) = (&config.storage, &engine) {
         let secret = cluster_secret(&config)?;
         let server = StorageServer::new(st, e.clone(), &secret, &config.node.name)?;
@@ -175,6 +207,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
         admin.add_component(server.clone());
         let repl = server.replication().clone();
         repl.start(stop_rx.clone());
+        storage_repl = Some(repl.clone());
         admin.set_promoter(Box::new(move || {
             let repl = repl.clone();
             Box::pin(async move {
@@ -211,6 +244,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                             "storage is not reachable yet; answering 503 until it is"
                         );
                     }
+                    remote_store = Some(store.clone());
                     Store::Remote(store)
                 }
                 (StorageTarget::Embedded, Some(e)) => Store::Embedded(e.clone()),
@@ -351,6 +385,14 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
 
     let running = Arc::new(Running {
         live: live.clone(),
+        seen: std::sync::Mutex::new(
+            live.source()
+                .path()
+                .and_then(|p| std::fs::read(p).ok())
+                .map(|b| crc32fast::hash(&b)),
+        ),
+        storage: storage_repl,
+        remote: remote_store,
         tokens,
         app,
         balancer,
@@ -362,7 +404,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     let admin_listener = bind("admin", config.node.admin).await?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.node.admin);
     println!(
-        "strata: admin listening on http://{admin_addr} (/healthz /readyz /metrics /admin/status)"
+        "strata: admin listening on http://{admin_addr} (/healthz /readyz /metrics /admin/status; dashboard at /admin/)"
     );
     if let Some(e) = &engine {
         println!(
@@ -390,11 +432,13 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
     });
 
     let signals = tokio::spawn(handle_signals(stop_tx, admin.clone()));
+    let watcher = tokio::spawn(watch_file(running.clone(), admin.clone(), stop_rx.clone()));
     let mut stranded = 0;
     while let Some(result) = tasks.join_next().await {
         stranded += result.unwrap_or(0);
     }
     signals.abort();
+    watcher.abort();
     if let Some(e) = engine {
         let path = config.node.data_dir.clone();
         tokio::task::spawn_blocking(move || e.shutdown())
@@ -424,7 +468,8 @@ fn cluster_secret(config: &Config) -> Result<Vec<u8>, NodeError> {
     }
 }
 
-/// Tokens declared by every role section (the admin endpoints accept any of them).
+/// Tokens declared by every role section and `[node] admin_tokens` (the admin endpoints
+/// accept any of them).
 fn all_tokens(config: &Config) -> Vec<config::TokenConfig> {
     let mut t = config
         .app
@@ -433,6 +478,7 @@ fn all_tokens(config: &Config) -> Vec<config::TokenConfig> {
     if let Some(e) = &config.edge {
         t.extend(e.tokens.iter().cloned());
     }
+    t.extend(config.node.admin_tokens.iter().cloned());
     t
 }
 
@@ -453,6 +499,48 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeE
     TcpListener::bind(addr)
         .await
         .map_err(|source| NodeError::Bind { what, addr, source })
+}
+
+/// How often the config file is polled for changes.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads when the config file's content changes and then holds still for one poll
+/// (debounce: an editor's several writes become one reload). Polling by content rather
+/// than inotify keeps working when editors replace the file by rename, and costs one small
+/// read per second. Switched off live with `node.watch_config = false`.
+async fn watch_file(running: Arc<Running>, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    let Some(path) = running.live.source().path().map(|p| p.to_path_buf()) else {
+        return;
+    };
+    let mut pending: Option<u32> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = crate::http::server::wait_for(&mut stop) => return,
+        }
+        if !running.live.get().node.watch_config {
+            pending = None;
+            continue;
+        }
+        // Missing or unreadable (mid-rename): try again next tick.
+        let Ok(bytes) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        let sum = crc32fast::hash(&bytes);
+        let seen = running.seen.lock().ok().and_then(|s| *s);
+        if seen == Some(sum) {
+            pending = None;
+            continue;
+        }
+        if pending != Some(sum) {
+            pending = Some(sum);
+            continue;
+        }
+        pending = None;
+        tracing::info!(file = %path.display(), "config file changed; reloading");
+        let admin = admin.clone();
+        let _ = tokio::task::spawn_blocking(move || admin.reload()).await;
+    }
 }
 
 /// SIGHUP reloads; the first SIGTERM/SIGINT starts a graceful stop, a second exits at once.

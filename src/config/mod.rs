@@ -9,6 +9,7 @@ pub mod balancer;
 pub mod edge;
 pub mod load;
 pub mod model;
+pub mod overrides;
 pub mod secrets;
 pub mod storage;
 pub mod units;
@@ -21,6 +22,7 @@ use arc_swap::ArcSwap;
 pub use balancer::BalancerConfig;
 pub use load::ConfigError;
 pub use model::{AppConfig, Config, HttpLimits, NodeConfig, Scope, TokenConfig};
+pub use overrides::Overrides;
 pub use storage::{
     ClientTls, RemoteStorage, ServerTls, StorageConfig, StorageMode, StorageTarget, SyncPolicy,
 };
@@ -31,20 +33,68 @@ pub use units::{Dur, Size};
 pub enum Source {
     /// A file, re-read on reload.
     File(PathBuf),
+    /// A file adjusted by `--port-offset` / `--data-root` (re-applied on every reload).
+    Adjusted(PathBuf, Overrides),
     /// The built-in embedded default (`strata serve` without `--config`).
     Default,
 }
 
 impl Source {
+    /// A file source with command-line adjustments (plain [`Source::File`] when none).
+    pub fn file(path: PathBuf, overrides: Overrides) -> Self {
+        if overrides.is_empty() {
+            Source::File(path)
+        } else {
+            Source::Adjusted(path, overrides)
+        }
+    }
+
     /// Loads and validates the config from this source.
     pub fn load(&self) -> Result<Config, ConfigError> {
         match self {
             Source::File(path) => load::load_file(path),
+            Source::Adjusted(path, overrides) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let mut config = load::parse(path, &text)?;
+                overrides
+                    .apply(&mut config)
+                    .map_err(|(field, reason)| ConfigError::invalid(path, &field, reason))?;
+                load::validate(path, &config)?;
+                Ok(config)
+            }
             Source::Default => {
                 let config = Config::embedded_default();
                 load::validate(Path::new("<default>"), &config)?;
                 Ok(config)
             }
+        }
+    }
+
+    /// The file behind this source, if any (what the file watcher polls).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Source::File(p) | Source::Adjusted(p, _) => Some(p),
+            Source::Default => None,
+        }
+    }
+
+    /// For status pages: the file and any adjustments.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Adjusted(p, o) => format!(
+                "{} (port offset {}{})",
+                p.display(),
+                o.port_offset,
+                o.data_root
+                    .as_ref()
+                    .map(|r| format!(", data root {}", r.display()))
+                    .unwrap_or_default()
+            ),
+            Source::Default => "<built-in default>".to_owned(),
         }
     }
 }
@@ -99,6 +149,9 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.node.admin != new.node.admin {
         changed.push("node.admin");
     }
+    if old.node.shutdown_grace != new.node.shutdown_grace {
+        changed.push("node.shutdown_grace");
+    }
     if old.node.log_retention != new.node.log_retention {
         changed.push("node.log_retention");
     }
@@ -107,8 +160,19 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         changed.push("node.cluster_secret");
     }
-    if old.storage != new.storage {
-        changed.push("storage");
+    // sync_replicas, sync_timeout, sync_policy and max_lag apply live; the rest of the
+    // section (listener, mode, follow, TLS, limits) waits for a restart.
+    let storage_fixed = |c: &Config| {
+        c.storage.clone().map(|mut s| {
+            s.sync_replicas = 0;
+            s.sync_timeout = Dur::secs(0);
+            s.sync_policy = SyncPolicy::default();
+            s.max_lag = Dur::secs(0);
+            s
+        })
+    };
+    if storage_fixed(old) != storage_fixed(new) {
+        changed.push("storage (listen, mode, follow, TLS, limits)");
     }
     if let (Some(a), Some(b)) = (&old.app, &new.app) {
         if a.listen != b.listen {
@@ -117,8 +181,20 @@ pub fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         if a.static_dir != b.static_dir {
             changed.push("app.static_dir");
         }
-        if a.storage != b.storage {
-            changed.push("app.storage");
+        // replicas, max_lag and token_wait apply live; the primary and the link settings
+        // wait for a restart.
+        let fixed = |t: &StorageTarget| match t {
+            StorageTarget::Remote(r) => {
+                let mut r = r.clone();
+                r.replicas.clear();
+                r.max_lag = Dur::secs(0);
+                r.token_wait = Dur::secs(0);
+                StorageTarget::Remote(r)
+            }
+            StorageTarget::Embedded => StorageTarget::Embedded,
+        };
+        if fixed(&a.storage) != fixed(&b.storage) {
+            changed.push("app.storage (primary, TLS, connections, timeouts)");
         }
         if a.http != b.http {
             changed.push("app.http");

@@ -1,5 +1,6 @@
 //! The admin listener every node runs: `/healthz`, `/readyz`, `/metrics`, `/admin/status`,
-//! `/admin/reload`. Roles plug in as [`Component`]s, so this module knows no role.
+//! `/admin/reload`, `/admin/backup`, and the dashboard at `/admin/`. Roles plug in as
+//! [`Component`]s, so this module knows no role.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,6 +15,7 @@ use super::body::{self, Body};
 use super::problem::Problem;
 use crate::config::{self, LiveConfig, ReloadReport, Scope};
 use crate::metrics::Metrics;
+use crate::storage::backup::BackupError;
 
 /// A role as the admin endpoints see it.
 pub trait Component: Send + Sync {
@@ -36,6 +38,12 @@ pub type Promoter = Box<
         + Sync,
 >;
 
+/// What `GET /admin/backup` runs: starts a backup and hands back its byte stream (only
+/// nodes that hold data have one).
+pub type Backup = Box<dyn Fn() -> Result<BackupStream, BackupError> + Send + Sync>;
+/// The bytes of a backup as they are produced.
+pub type BackupStream = tokio::sync::mpsc::Receiver<Result<bytes::Bytes, BackupError>>;
+
 /// State behind the admin endpoints.
 pub struct Admin {
     started: Instant,
@@ -46,6 +54,7 @@ pub struct Admin {
     reloader: OnceLock<Reloader>,
     purger: OnceLock<Purger>,
     promoter: OnceLock<Promoter>,
+    backup: OnceLock<Backup>,
     last_reload: Mutex<Option<ReloadReport>>,
 }
 
@@ -65,6 +74,7 @@ impl Admin {
             reloader: OnceLock::new(),
             purger: OnceLock::new(),
             promoter: OnceLock::new(),
+            backup: OnceLock::new(),
             last_reload: Mutex::new(None),
         })
     }
@@ -93,6 +103,11 @@ impl Admin {
     /// Sets what `POST /admin/promote` runs (only storage nodes have one).
     pub fn set_promoter(&self, f: Promoter) {
         let _ = self.promoter.set(f);
+    }
+
+    /// Sets what `GET /admin/backup` streams (nodes with a storage engine).
+    pub fn set_backup(&self, f: Backup) {
+        let _ = self.backup.set(f);
     }
 
     /// Runs the node's reload, records the outcome for `/admin/status`, then logs it (in
@@ -139,15 +154,14 @@ impl Admin {
             "ready": not_ready.is_empty(),
             "not_ready": not_ready,
             "uptime_seconds": self.started.elapsed().as_secs(),
+            "pid": std::process::id(),
             "config": {
                 "version": config::version(&cfg),
-                "source": match self.live.source() {
-                    config::Source::File(p) => p.display().to_string(),
-                    config::Source::Default => "<built-in default>".to_owned(),
-                },
+                "source": self.live.source().describe(),
                 "last_reload": self.last_reload.lock().ok().and_then(|l| l.clone()),
             },
             "components": roles,
+            "requests": self.metrics.requests_by_role(),
         })
     }
 
@@ -218,6 +232,9 @@ impl Admin {
         req: &Request<hyper::body::Incoming>,
     ) -> (&'static str, Response<Body>) {
         let path = req.uri().path();
+        if let Some(asset) = super::dashboard::asset(path) {
+            return ("dashboard", super::dashboard::respond(&asset, req.method()));
+        }
         let (route, allowed): (&'static str, &[Method]) = match path {
             "/healthz" => ("healthz", &[Method::GET, Method::HEAD]),
             "/readyz" => ("readyz", &[Method::GET, Method::HEAD]),
@@ -225,6 +242,7 @@ impl Admin {
             "/admin/status" => ("status", &[Method::GET]),
             "/admin/reload" => ("reload", &[Method::POST]),
             "/admin/promote" => ("promote", &[Method::POST]),
+            "/admin/backup" => ("backup", &[Method::GET]),
             _ => {
                 return (
                     "unknown",
@@ -239,7 +257,10 @@ impl Admin {
         if !allowed.contains(req.method()) {
             return (route, method_not_allowed(allowed));
         }
-        if matches!(route, "metrics" | "status" | "reload" | "promote") {
+        if matches!(
+            route,
+            "metrics" | "status" | "reload" | "promote" | "backup"
+        ) {
             if let Err(problem) = self.tokens.load().check(req.headers(), Scope::Admin) {
                 return (route, problem.into_response());
             }
@@ -266,6 +287,7 @@ impl Admin {
                 r
             }
             "status" => json_response(StatusCode::OK, &self.status()),
+            "backup" => self.backup_response(),
             "promote" => match self.promoter.get() {
                 Some(promote) => match promote().await {
                     Ok(report) => {
@@ -302,6 +324,46 @@ impl Admin {
             },
         };
         (route, resp)
+    }
+}
+
+impl Admin {
+    /// `GET /admin/backup`: the node's data as a backup file, streamed as it is read. A
+    /// backup that fails part-way aborts the response, so the client never gets a file
+    /// with a valid trailer.
+    fn backup_response(&self) -> Response<Body> {
+        use http_body_util::BodyExt;
+        let Some(start) = self.backup.get() else {
+            return Problem::new(StatusCode::NOT_FOUND, "this node holds no data to back up")
+                .into_response();
+        };
+        let rx = match start() {
+            Ok(rx) => rx,
+            Err(e) => return Problem::new(StatusCode::CONFLICT, e.to_string()).into_response(),
+        };
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let item = rx.recv().await?;
+            let frame = item
+                .map(hyper::body::Frame::data)
+                .map_err(|e| -> body::BodyError { Box::new(e) });
+            Some((frame, rx))
+        });
+        let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
+        let name = format!(
+            "attachment; filename=\"{}.strata-backup\"",
+            self.live.get().node.name.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_"
+            )
+        );
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&name) {
+            r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+        r
     }
 }
 

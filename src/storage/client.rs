@@ -56,9 +56,13 @@ pub enum ClientError {
 /// replicas.
 pub struct RemoteStore {
     shared: Arc<Shared>,
-    replicas: Vec<Arc<ReplicaLink>>,
-    max_lag: Duration,
-    token_wait: Duration,
+    /// Swapped whole on reload (`replicas`, `max_lag`, `token_wait` apply live).
+    routing: arc_swap::ArcSwap<Routing>,
+    /// What new replica links are built from: the link settings of the start-up config
+    /// (TLS, connections, timeouts need a restart), the secret and the node's shutdown.
+    link_config: RemoteStorage,
+    secret: Vec<u8>,
+    shutdown: Shutdown,
     replica_reads: AtomicU64,
     primary_reads: AtomicU64,
     token_fallbacks: AtomicU64,
@@ -80,11 +84,64 @@ pub enum ReadConsistency {
     Strong,
 }
 
+/// The read-routing settings that change on reload.
+struct Routing {
+    replicas: Vec<Arc<ReplicaLink>>,
+    max_lag: Duration,
+    token_wait: Duration,
+}
+
+/// A reloaded replica list, built but not yet in use: see [`RemoteStore::prepare`].
+pub struct PreparedRouting {
+    routing: Option<Routing>,
+    /// Links this reload started; stopped again if it is never applied.
+    fresh: Vec<Arc<ReplicaLink>>,
+}
+
+impl Drop for PreparedRouting {
+    fn drop(&mut self) {
+        if self.routing.is_some() {
+            for link in &self.fresh {
+                let _ = link.stop.send(true);
+            }
+        }
+    }
+}
+
 /// A read replica: its pool and what its last status poll said.
 struct ReplicaLink {
     pool: Arc<Shared>,
     view: Mutex<Option<protocol::WireReplStatus>>,
     outstanding: AtomicUsize,
+    /// Stops this link's connection and poll tasks when a reload removes the replica.
+    stop: watch::Sender<bool>,
+}
+
+/// Builds a replica link whose tasks stop on the node's shutdown or on `link.stop`.
+fn replica_link(
+    config: &RemoteStorage,
+    addr: &str,
+    secret: &[u8],
+    shutdown: &Shutdown,
+) -> Result<Arc<ReplicaLink>, ClientError> {
+    let (stop, own) = watch::channel(false);
+    let pool = pool(config, addr, secret, &own)?;
+    let link = Arc::new(ReplicaLink {
+        pool,
+        view: Mutex::new(None),
+        outstanding: AtomicUsize::new(0),
+        stop,
+    });
+    let mut node = shutdown.clone();
+    let forward = link.stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = wait_for(&mut node) => { let _ = forward.send(true); }
+            _ = forward.closed() => {}
+        }
+    });
+    tokio::spawn(poll_replica(link.clone(), own));
+    Ok(link)
 }
 
 impl ReplicaLink {
@@ -183,23 +240,77 @@ impl RemoteStore {
         let shared = pool(config, &config.primary, secret, &shutdown)?;
         let mut replicas = Vec::with_capacity(config.replicas.len());
         for addr in &config.replicas {
-            let link = Arc::new(ReplicaLink {
-                pool: pool(config, addr, secret, &shutdown)?,
-                view: Mutex::new(None),
-                outstanding: AtomicUsize::new(0),
-            });
-            tokio::spawn(poll_replica(link.clone(), shutdown.clone()));
-            replicas.push(link);
+            replicas.push(replica_link(config, addr, secret, &shutdown)?);
         }
         Ok(Arc::new(RemoteStore {
             shared,
-            replicas,
-            max_lag: config.max_lag.get(),
-            token_wait: config.token_wait.get(),
+            routing: arc_swap::ArcSwap::from_pointee(Routing {
+                replicas,
+                max_lag: config.max_lag.get(),
+                token_wait: config.token_wait.get(),
+            }),
+            link_config: config.clone(),
+            secret: secret.to_vec(),
+            shutdown,
             replica_reads: AtomicU64::new(0),
             primary_reads: AtomicU64::new(0),
             token_fallbacks: AtomicU64::new(0),
         }))
+    }
+
+    /// Builds the read routing of a reloaded config: links to replicas it adds start
+    /// connecting now, links it keeps are reused. Nothing serves from it until
+    /// [`RemoteStore::apply`]; dropping it unused stops the new links.
+    pub fn prepare(&self, config: &RemoteStorage) -> Result<PreparedRouting, ClientError> {
+        let current = self.routing.load();
+        let mut replicas = Vec::with_capacity(config.replicas.len());
+        let mut built: Vec<Arc<ReplicaLink>> = Vec::new();
+        for addr in &config.replicas {
+            match current.replicas.iter().find(|r| &r.pool.addr == addr) {
+                Some(r) => replicas.push(r.clone()),
+                None => match replica_link(&self.link_config, addr, &self.secret, &self.shutdown) {
+                    Ok(link) => {
+                        built.push(link.clone());
+                        replicas.push(link);
+                    }
+                    Err(e) => {
+                        for link in built {
+                            let _ = link.stop.send(true);
+                        }
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        Ok(PreparedRouting {
+            routing: Some(Routing {
+                replicas,
+                max_lag: config.max_lag.get(),
+                token_wait: config.token_wait.get(),
+            }),
+            fresh: built,
+        })
+    }
+
+    /// Installs prepared routing; replicas it no longer names are disconnected (reads
+    /// already sent to them finish first).
+    pub fn apply(&self, mut prepared: PreparedRouting) {
+        let Some(routing) = prepared.routing.take() else {
+            return;
+        };
+        let new = Arc::new(routing);
+        let old = self.routing.swap(new.clone());
+        for r in &old.replicas {
+            if !new.replicas.iter().any(|n| Arc::ptr_eq(n, r)) {
+                tracing::info!(replica = %r.pool.addr, "read replica removed");
+                let _ = r.stop.send(true);
+            }
+        }
+        for r in &new.replicas {
+            if !old.replicas.iter().any(|o| Arc::ptr_eq(o, r)) {
+                tracing::info!(replica = %r.pool.addr, "read replica added");
+            }
+        }
     }
 
     /// Reads one record with the given consistency: from a healthy replica when one
@@ -258,7 +369,8 @@ impl RemoteStore {
                     Request::AtLeast {
                         min_epoch: epoch,
                         min_lsn: lsn,
-                        wait_ms: u32::try_from(self.token_wait.as_millis()).unwrap_or(u32::MAX),
+                        wait_ms: u32::try_from(self.routing.load().token_wait.as_millis())
+                            .unwrap_or(u32::MAX),
                         read: Box::new(request.clone()),
                     }
                 };
@@ -286,7 +398,9 @@ impl RemoteStore {
     /// A replica for a read: among those connected, ready, within `max_lag` and at
     /// `min_epoch` or later, the one with fewer outstanding requests of two at random.
     fn pick_replica(&self, min_epoch: u64) -> Option<Arc<ReplicaLink>> {
-        let ok: Vec<&Arc<ReplicaLink>> = self
+        let routing = self.routing.load();
+        let max_lag = routing.max_lag;
+        let ok: Vec<&Arc<ReplicaLink>> = routing
             .replicas
             .iter()
             .filter(|r| {
@@ -295,7 +409,7 @@ impl RemoteStore {
                         v.ready
                             && v.role != "fenced"
                             && v.epoch >= min_epoch
-                            && Duration::from_millis(v.lag_ms) <= self.max_lag
+                            && Duration::from_millis(v.lag_ms) <= max_lag
                     })
             })
             .collect();
@@ -412,7 +526,7 @@ impl RemoteStore {
                 "primary": self.primary_reads.load(Ordering::Relaxed),
                 "token_fallbacks": self.token_fallbacks.load(Ordering::Relaxed),
             },
-            "replicas": self.replicas.iter().map(|r| {
+            "replicas": self.routing.load().replicas.iter().map(|r| {
                 let v = r.view();
                 serde_json::json!({
                     "addr": r.pool.addr,

@@ -16,6 +16,7 @@
 //! | [`client`] | the app's pool of connections to a storage server |
 //! | [`store`] | [`Store`], the one handle the data API uses, and [`StoreError`] |
 
+pub mod backup;
 pub mod client;
 pub mod conn;
 pub mod engine;
