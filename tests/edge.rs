@@ -1043,30 +1043,50 @@ async fn rules_and_sizes_reload_under_load_without_failed_requests() {
     let (_, _, h) = get(&format!("{url}/big1"), &[]).await;
     assert!(cs(&h).contains("stored"), "{h:?}");
 
+    for i in 0..40 {
+        get(&format!("{url}/r/{i}"), &[]).await;
+    }
     // Steady load from four clients over 40 URLs, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load: Vec<_> = (0..4)
         .map(|w| {
-            let (url, stop) = (url.clone(), stop.clone());
+            let (url, stop, done) = (url.clone(), stop.clone(), done.clone());
             tokio::spawn(async move {
                 let c = common::client();
-                let (mut ok, mut failed) = (0usize, Vec::new());
+                let mut failed = Vec::new();
                 let mut i = w;
                 while !stop.load(Ordering::SeqCst) {
                     match c.get(format!("{url}/r/{}", i % 40)).send().await {
                         Ok(r) if r.status() == 200 => match r.bytes().await {
-                            Ok(b) if b.len() == 1000 => ok += 1,
+                            Ok(b) if b.len() == 1000 => {
+                                done.fetch_add(1, Ordering::SeqCst);
+                            }
                             other => failed.push(format!("body {other:?}")),
                         },
                         other => failed.push(format!("{other:?}")),
                     }
                     i += 1;
                 }
-                (ok, failed)
+                failed
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Lets the load make `n` more successful requests (bounded wait).
+    let more = |n: usize| {
+        let done = done.clone();
+        async move {
+            let target = done.load(Ordering::SeqCst) + n;
+            for _ in 0..400 {
+                if done.load(Ordering::SeqCst) >= target {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("the load stalled");
+        }
+    };
+    more(20).await;
     let before = edge_status(&node).await;
     assert!(before["bytes"].as_u64().unwrap() > 30_000, "{before}");
 
@@ -1090,7 +1110,7 @@ async fn rules_and_sizes_reload_under_load_without_failed_requests() {
     let (s, b, h) = get(&format!("{url}/big2"), &[]).await;
     assert_eq!((s, b.len()), (200, 3000));
     assert!(cs(&h).contains("detail=too-large"), "{h:?}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    more(20).await;
 
     // And back up again.
     let text = std::fs::read_to_string(&node.config).unwrap();
@@ -1100,18 +1120,18 @@ async fn rules_and_sizes_reload_under_load_without_failed_requests() {
     )
     .unwrap();
     assert_eq!(reload(&node).await["applied"], true);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    more(20).await;
     stop.store(true, Ordering::SeqCst);
-    let mut total = 0;
     for t in load {
-        let (ok, failed) = t.await.unwrap();
+        let failed = t.await.unwrap();
         assert!(
             failed.is_empty(),
             "failed requests across reloads: {failed:?}"
         );
-        total += ok;
     }
-    assert!(total > 100, "the load ran ({total} requests)");
+    for i in 0..40 {
+        get(&format!("{url}/r/{i}"), &[]).await;
+    }
     let end = edge_status(&node).await;
     assert_eq!(end["capacity_bytes"], 1024 * 1024, "{end}");
     assert!(end["bytes"].as_u64().unwrap() > 30_000, "refilled: {end}");

@@ -208,15 +208,20 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
     }
     if let Some(edge) = &config.edge {
         edge.validate(path)?;
-        // Without an [app] the edge's tokens are the only ones: an exposed admin listener
-        // (purge, reload, status) must have one with the admin scope.
-        let edge_admin = edge.tokens.iter().any(|t| t.scopes.contains(&Scope::Admin));
+        // Without an [app], the edge's and the node's tokens are the only ones: an exposed
+        // admin listener (purge, reload, status) must have one with the admin scope.
+        let edge_admin = edge
+            .tokens
+            .iter()
+            .chain(&node.admin_tokens)
+            .any(|t| t.scopes.contains(&Scope::Admin));
         if config.app.is_none() && !node.admin.ip().is_loopback() && !edge_admin {
             return Err(ConfigError::invalid(
                 path,
                 "node.admin",
-                "the admin listener is on a non-loopback address but no [[edge.tokens]] entry \
-                 has the admin scope to protect it; add one or keep it on loopback",
+                "the admin listener is on a non-loopback address but no [[edge.tokens]] or \
+                 [[node.admin_tokens]] entry has the admin scope to protect it; add one or keep \
+                 it on loopback",
             ));
         }
     }
@@ -476,6 +481,11 @@ mod tests {
             "{exposed}[[edge.tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"0123456789abcdef\"\n"
         );
         let c = parse(Path::new("t"), &admin).unwrap();
+        validate(Path::new("t"), &c).unwrap();
+        let node_admin = format!(
+            "[node]\nadmin = \"0.0.0.0:9900\"\n[[node.admin_tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"0123456789abcdef\"\n{edge}"
+        );
+        let c = parse(Path::new("t"), &node_admin).unwrap();
         validate(Path::new("t"), &c).unwrap();
         // On loopback no token is needed.
         let c = parse(Path::new("t"), edge).unwrap();

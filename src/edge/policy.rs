@@ -684,15 +684,125 @@ pub fn range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
     RangeAnswer::Partial(start, end.min(len - 1))
 }
 
-/// A header parsed as an HTTP date, in Unix seconds.
+/// A header parsed as an HTTP date, in Unix seconds (see [`parse_http_date`]).
 pub fn http_date(headers: &HeaderMap, name: HeaderName) -> Option<u64> {
-    let v = headers.get(name)?.to_str().ok()?;
-    let t = httpdate::parse_http_date(v.trim()).ok()?;
-    Some(
-        t.duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs(),
-    )
+    parse_http_date(headers.get(name)?.to_str().ok()?)
+}
+
+/// An HTTP-date (RFC 9110 §5.6.7) in any of its three formats, in Unix seconds. Strict
+/// parsing first; failing that, read leniently as §5.6.7 lets recipients: day and month
+/// names in any case and a weekday that does not match the date are accepted (cache-tests
+/// freshness-expires-ansi-c and -wrong-case-*). Anything else is `None` — for `Expires`
+/// that means already expired, the safe reading.
+pub fn parse_http_date(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if let Ok(t) = httpdate::parse_http_date(s) {
+        return Some(
+            t.duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs(),
+        );
+    }
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    const LONG: [&str; 7] = [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ];
+    let l = s.to_ascii_lowercase();
+    let num = |t: &str, len: usize| -> Option<u64> {
+        let t = t.trim_start_matches(' ');
+        (t.len() <= len && !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    let month = |t: &str| MONTHS.iter().position(|m| *m == t).map(|m| m as u64 + 1);
+    let time = |t: &str| -> Option<u64> {
+        let b = t.as_bytes();
+        if t.len() != 8 || b[2] != b':' || b[5] != b':' {
+            return None;
+        }
+        let (h, m, sec) = (num(&t[0..2], 2)?, num(&t[3..5], 2)?, num(&t[6..8], 2)?);
+        (h <= 23 && m <= 59 && sec <= 60).then_some(h * 3600 + m * 60 + sec.min(59))
+    };
+    // The exact layouts of §5.6.7; only the case of names and the weekday are forgiven.
+    let (d, m, y, t) = if let Some((wday, rest)) = l.split_once(", ") {
+        let parts: Vec<&str> = rest.split(' ').collect();
+        match parts.as_slice() {
+            // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
+            [d, mon, y, t, "gmt"]
+                if DAYS.contains(&wday) && d.len() == 2 && mon.len() == 3 && y.len() == 4 =>
+            {
+                (num(d, 2)?, month(mon)?, num(y, 4)?, time(t)?)
+            }
+            // rfc850-date: Sunday, 06-Nov-94 08:49:37 GMT
+            [date, t, "gmt"] if LONG.contains(&wday) => {
+                let dp: Vec<&str> = date.split('-').collect();
+                let [d, mon, y] = dp.as_slice() else {
+                    return None;
+                };
+                if d.len() != 2 || y.len() != 2 {
+                    return None;
+                }
+                // Two-digit years: 70–99 are 19xx, the rest 20xx.
+                let y = num(y, 2)?;
+                let y = if y >= 70 { 1900 + y } else { 2000 + y };
+                (num(d, 2)?, month(mon)?, y, time(t)?)
+            }
+            _ => return None,
+        }
+    } else {
+        // asctime-date: Sun Nov  6 08:49:37 1994
+        let b = l.as_bytes();
+        if l.len() != 24 || b[3] != b' ' || b[7] != b' ' || b[10] != b' ' || b[19] != b' ' {
+            return None;
+        }
+        if !DAYS.contains(&&l[0..3]) || (b[8] == b' ' && b[9] == b' ') {
+            return None;
+        }
+        (
+            num(&l[8..10], 2)?,
+            month(&l[4..7])?,
+            num(&l[20..24], 4)?,
+            time(&l[11..19])?,
+        )
+    };
+    let days_in = [
+        31,
+        if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) {
+            29
+        } else {
+            28
+        },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if y < 1970 || d == 0 || d > days_in[(m - 1) as usize] {
+        return None;
+    }
+    // Days since 1970-01-01 (H. Hinnant's days_from_civil, for years ≥ 1970).
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2 / 400;
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + t)
 }
 
 /// Now in Unix seconds.

@@ -741,3 +741,65 @@ fn stale_when_unreachable_within_the_limit_unless_forbidden() {
         assert!(!f.stale_if_unreachable(100, T0 + 20), "{cc}");
     }
 }
+
+#[test]
+fn http_dates_are_read_leniently_but_never_wrongly() {
+    let exact = parse_http_date("Thu, 18 Aug 2050 02:01:18 GMT").unwrap();
+    assert_eq!(exact, 2_544_400_878);
+    for v in [
+        "THU, 18 Aug 2050 02:01:18 GMT",
+        "Thu, 18 AUG 2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 02:01:18 gMT",
+        "Mon, 18 Aug 2050 02:01:18 GMT",
+        "Thu Aug 18 02:01:18 2050",
+        "thu aug 18 02:01:18 2050",
+        "Thursday, 18-Aug-50 02:01:18 GMT",
+        "MONDAY, 18-aug-50 02:01:18 gmt",
+    ] {
+        assert_eq!(parse_http_date(v), Some(exact), "{v}");
+    }
+    assert_eq!(
+        parse_http_date("Thu Aug  8 02:01:18 2050"),
+        Some(exact - 10 * 86_400)
+    );
+    assert_eq!(
+        parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+        Some(784_111_777)
+    );
+    assert_eq!(
+        parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"),
+        Some(784_111_777)
+    );
+    assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+    for bad in [
+        "0",
+        "-1",
+        "",
+        "Thu, 32 Aug 2050 02:01:18 GMT",
+        "Thu, 29 Feb 2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 25:01:18 GMT",
+        "Thu, 18 Aug 2050 02:01 GMT",
+        "Thu, 18 Foo 2050 02:01:18 GMT",
+        "tomorrow",
+        "18 Aug 2050",
+        // Malformed layouts stay invalid (cache-tests freshness-expires-invalid-*).
+        "Thu, 18 Aug 50 02:01:18 GMT",
+        "Thu 18 Aug 2050 02:01:18 GMT",
+        "Thu, 18 Aug  2050 02:01:18 GMT",
+        "Thu, 18-Aug-2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 02:01:18 UTC",
+        "Thu Aug 18 02:01:18 50",
+    ] {
+        assert_eq!(parse_http_date(bad), None, "{bad}");
+    }
+    // An Expires the strict parser refuses but that is a real date still gives freshness.
+    let f = fresh(
+        &[
+            ("expires", "THU, 18 Aug 2050 02:01:18 GMT"),
+            ("date", &date(T0)),
+        ],
+        T0,
+        T0,
+    );
+    assert!(f.lifetime > 0);
+}
