@@ -468,7 +468,8 @@ fn cluster_secret(config: &Config) -> Result<Vec<u8>, NodeError> {
     }
 }
 
-/// Tokens declared by every role section (the admin endpoints accept any of them).
+/// Tokens declared by every role section and `[node] admin_tokens` (the admin endpoints
+/// accept any of them).
 fn all_tokens(config: &Config) -> Vec<config::TokenConfig> {
     let mut t = config
         .app
@@ -477,6 +478,7 @@ fn all_tokens(config: &Config) -> Vec<config::TokenConfig> {
     if let Some(e) = &config.edge {
         t.extend(e.tokens.iter().cloned());
     }
+    t.extend(config.node.admin_tokens.iter().cloned());
     t
 }
 

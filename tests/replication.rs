@@ -437,15 +437,15 @@ fn replica_cut_off_past_retention_heals_by_snapshot_while_writes_continue() {
 }
 
 #[test]
-#[ignore = "known defect: on main (group-commit engine) the late replica never reports ready within 120 s; passes on the replication branch; open in issue 4"]
 fn late_replica_with_a_large_data_set_bootstraps_under_load() {
     let tmp = tempfile::tempdir().unwrap();
     let primary = start(tmp.path(), "primary", 0, None, "log_retention = 50", "");
     let paddr = primary.storage.unwrap();
-    // ~20 MB in 20k records, written in batches of 200.
+    // ~6 MB in 6k records (several snapshot pages), written in batches of 200; the load
+    // then rolls the 50-entry log many times over while the snapshot is in flight.
     let mut p = Peer::connect(paddr).unwrap();
     let body = format!("{{\"pad\":\"{}\"}}", "y".repeat(1000));
-    for b in 0..100 {
+    for b in 0..30 {
         let writes = (0..200)
             .map(|i| WireWrite {
                 key: format!("big/r{b:03}-{i:03}"),
@@ -465,15 +465,19 @@ fn late_replica_with_a_large_data_set_bootstraps_under_load() {
     let raddr = replica.storage.unwrap();
     wait_for(
         "the late replica to be ready",
-        Duration::from_secs(120),
+        Duration::from_secs(60),
         || status(raddr).is_some_and(|s| s.ready && s.applied_lsn > 100),
     );
     let took = started.elapsed();
     let acked = load.stop();
     let (lsn, records, _) = wait_converged(paddr, raddr, Duration::from_secs(60));
-    assert!(records >= 20_000);
+    assert!(records >= 6_000);
+    let cuts = metric(
+        &scrape(&primary),
+        "strata_replication_cut_too_far_behind_total",
+    );
     eprintln!(
-        "late replica: ~{} MB bootstrapped in {took:?} ({:.1} MB/s) under {acked} concurrent writes; converged at LSN {lsn}",
+        "late replica: ~{} MB bootstrapped in {took:?} ({:.1} MB/s) under {acked} concurrent writes ({cuts} cuts); converged at LSN {lsn}",
         records / 1000,
         records as f64 / 1000.0 / took.as_secs_f64()
     );
@@ -708,11 +712,13 @@ fn failover_promote_replica_then_old_primary_rejoins_and_discards_its_tail() {
     let admin = replica.admin.to_string();
     let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
     assert!(ok, "{out}");
-    assert!(out.contains("\"epoch\": 2"), "{out}");
+    // Epochs are `term << 32 | node tag`: term 1, stamped by this replica.
+    let epoch2 = 1u64 << 32 | u64::from(strata::storage::replication::state::node_tag("replica"));
+    assert!(out.contains(&format!("\"epoch\": {epoch2}")), "{out}");
     let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
     assert!(!ok && out.contains("already the primary"), "{out}");
     let st = status(raddr).unwrap();
-    assert_eq!((st.role.as_str(), st.epoch), ("primary", 2));
+    assert_eq!((st.role.as_str(), st.epoch), ("primary", epoch2));
     let promoted_at = st.applied_lsn;
     assert!(
         old_last > promoted_at,
@@ -745,7 +751,7 @@ fn failover_promote_replica_then_old_primary_rejoins_and_discards_its_tail() {
         }
     }
     let st = o.repl().unwrap();
-    assert_eq!((st.role.as_str(), st.epoch), ("replica", 2));
+    assert_eq!((st.role.as_str(), st.epoch), ("replica", epoch2));
     // Every acknowledged write survived the failover.
     let mut lost = 0;
     for key in &acked {
@@ -1153,4 +1159,53 @@ fn shipped_stage4_configs_are_valid() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A storage-only node (no `[app]`) protects its admin endpoints with `[node]
+/// admin_tokens`: no token or a wrong one is refused and the replica stays a replica;
+/// `strata promote --token` with the right one promotes it.
+#[test]
+fn storage_only_admin_endpoints_need_the_node_admin_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let primary = start(tmp.path(), "primary", 0, None, "", "");
+    let paddr = primary.storage.unwrap();
+    let tokens = "[[node.admin_tokens]]\nname = \"ops\"\nscopes = [\"admin\"]\nvalue = \"ops-token-0123456789\"\n";
+    let replica = start(tmp.path(), "replica", 0, Some(paddr), tokens, "");
+    let raddr = replica.storage.unwrap();
+    let admin = replica.admin.to_string();
+    for path in ["/admin/status", "/metrics"] {
+        let r = common::raw(
+            replica.admin,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        );
+        assert_eq!(common::raw_status(&r), Some(401), "{path}: {r}");
+    }
+    let (ok, out) = strata_cmd(&["promote", "--admin", &admin]);
+    assert!(!ok, "{out}");
+    let (ok, out) = strata_cmd(&[
+        "promote",
+        "--admin",
+        &admin,
+        "--token",
+        "wrong-token-0123456",
+    ]);
+    assert!(!ok, "{out}");
+    let st = status(raddr).unwrap();
+    assert_eq!(st.role, "replica", "refused promotions change nothing");
+    let r = common::raw(
+        replica.admin,
+        b"GET /admin/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ops-token-0123456789\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(common::raw_status(&r), Some(200), "{r}");
+    let (ok, out) = strata_cmd(&[
+        "promote",
+        "--admin",
+        &admin,
+        "--token",
+        "ops-token-0123456789",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(status(raddr).unwrap().role, "primary");
 }

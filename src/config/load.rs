@@ -164,16 +164,42 @@ pub fn validate(path: &Path, config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    for (i, token) in node.admin_tokens.iter().enumerate() {
+        secrets::resolve_token(token).map_err(|e| {
+            ConfigError::invalid(path, &format!("node.admin_tokens[{i}]"), e.to_string())
+        })?;
+        if !token.scopes.contains(&Scope::Admin) {
+            return Err(ConfigError::invalid(
+                path,
+                &format!("node.admin_tokens[{i}].scopes"),
+                "an admin token needs the admin scope",
+            ));
+        }
+    }
     validate_storage(path, config)?;
+    // A storage node's admin API can promote it: never open to a network.
+    if config.storage.is_some()
+        && config.app.is_none()
+        && node.admin_tokens.is_empty()
+        && config.edge.as_ref().is_none_or(|e| e.tokens.is_empty())
+        && !node.admin.ip().is_loopback()
+    {
+        return Err(ConfigError::invalid(
+            path,
+            "node.admin_tokens",
+            "the admin listener is on a non-loopback address but this storage node has no \
+             tokens to protect it (/admin/promote); add [[node.admin_tokens]] or keep it on loopback",
+        ));
+    }
     if let Some(balancer) = &config.balancer {
         crate::balancer::validate(balancer)
             .map_err(|(field, reason)| ConfigError::invalid(path, &field, reason))?;
-        if config.app.is_none() && !node.admin.ip().is_loopback() {
+        if config.app.is_none() && node.admin_tokens.is_empty() && !node.admin.ip().is_loopback() {
             return Err(ConfigError::invalid(
                 path,
                 "node.admin",
                 "the admin listener is on a non-loopback address but a balancer-only node has \
-                 no tokens to protect it; keep it on loopback",
+                 no tokens to protect it; add [[node.admin_tokens]] or keep it on loopback",
             ));
         }
     }
@@ -386,6 +412,33 @@ mod tests {
         let c = parse(Path::new("t"), "[app]\n").unwrap();
         assert_eq!(c.app.unwrap().max_body.bytes(), 1 << 20);
         assert_eq!(c.node.name, "strata");
+    }
+
+    #[test]
+    fn storage_only_admin_off_loopback_needs_admin_tokens() {
+        let base = "[node]\nadmin = \"0.0.0.0:9900\"\ncluster_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let c = parse(
+            Path::new("t"),
+            &format!("{base}[storage]\nlisten = \"127.0.0.1:7000\"\n"),
+        )
+        .unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("node.admin_tokens"), "{e}");
+        let read_only = "[[node.admin_tokens]]\nname = \"ops\"\nscopes = [\"read\"]\nvalue = \"t0ken-t0ken-t0ken-t0ken\"\n";
+        let c = parse(
+            Path::new("t"),
+            &format!("{base}{read_only}[storage]\nlisten = \"127.0.0.1:7000\"\n"),
+        )
+        .unwrap();
+        let e = validate(Path::new("t"), &c).unwrap_err().to_string();
+        assert!(e.contains("admin scope"), "{e}");
+        let admin = read_only.replace("\"read\"", "\"admin\"");
+        let c = parse(
+            Path::new("t"),
+            &format!("{base}{admin}[storage]\nlisten = \"127.0.0.1:7000\"\n"),
+        )
+        .unwrap();
+        validate(Path::new("t"), &c).unwrap();
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub struct NodeConfig {
     /// Reload by itself when the config file changes (polled every second, content
     /// compared, so editors that save by rename work too). Applies live.
     pub watch_config: bool,
+    /// Bearer tokens for this node's admin endpoints (`/metrics`, `/admin/*`), whatever
+    /// its roles: a storage-only node has no `[app]` tokens, yet `/admin/promote` must
+    /// not be open. Each needs the `admin` scope. Applies live.
+    pub admin_tokens: Vec<TokenConfig>,
 }
 
 impl Default for NodeConfig {
@@ -102,6 +106,7 @@ impl Default for NodeConfig {
             access_log: false,
             shutdown_grace: Dur::secs(10),
             watch_config: true,
+            admin_tokens: Vec::new(),
         }
     }
 }

@@ -232,7 +232,7 @@ enum ReplOp {
     SnapshotBegin(History, u64),
     SnapshotChunk(Vec<(String, Record)>),
     SnapshotEnd,
-    Promote,
+    Promote(u32),
 }
 
 /// The engine handle.
@@ -866,9 +866,12 @@ impl Engine {
     }
 
     /// Starts a new epoch after the last applied LSN and stores it durably in the
-    /// history: what promoting a replica does. Returns the new epoch.
-    pub async fn promote(&self) -> Result<u64, EngineError> {
-        self.repl(ReplOp::Promote).await
+    /// history: what promoting a replica does. `node_tag` ([`state::node_tag`] of this
+    /// node's name) makes the epoch unique to this node. Returns the new epoch.
+    ///
+    /// [`state::node_tag`]: super::replication::state::node_tag
+    pub async fn promote(&self, node_tag: u32) -> Result<u64, EngineError> {
+        self.repl(ReplOp::Promote(node_tag)).await
     }
 
     /// Up to `max_bytes` (at least one record) of records after `after` (a raw record key
@@ -1113,14 +1116,14 @@ impl Writer {
         let result = match op {
             ReplOp::Apply(entries) => self.apply_entries(entries),
             ReplOp::Adopt(history) => self.set_history(history),
-            ReplOp::Promote => {
+            ReplOp::Promote(node_tag) => {
                 if self.shared.resyncing.load(Ordering::Acquire) {
                     return Err(EngineError::State(
                         "this node's snapshot install is incomplete; it cannot be promoted".into(),
                     ));
                 }
                 let last = self.shared.last_lsn.load(Ordering::Acquire);
-                let history = self.history().promoted(last);
+                let history = self.history().promoted(last, node_tag);
                 self.set_history(history)?;
                 Ok(self.shared.epoch.load(Ordering::Acquire))
             }

@@ -34,7 +34,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use self::state::{plan, History, Plan, PrimaryPosition, ReplicaPosition};
@@ -51,6 +52,9 @@ use crate::metrics::Metrics;
 const BATCH_ENTRIES: usize = 1024;
 /// Bytes of encoded entries (or snapshot records) after which a frame is closed.
 const BATCH_BYTES: usize = 1 << 20;
+/// Bytes of encoded entries the log reader of a snapshot sender may queue ahead of the
+/// replica: the memory one snapshotting replica may cost the primary.
+const TAIL_BYTES: usize = 32 << 20;
 /// The primary says it is alive this often when there is nothing to send.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A replica that hears nothing for this long reconnects.
@@ -412,7 +416,11 @@ impl Replication {
         }
         self.stop_follow.send_replace(true);
         let _gate = self.apply_gate.lock().await;
-        let epoch = self.engine.promote().await.map_err(|e| e.to_string())?;
+        let epoch = self
+            .engine
+            .promote(state::node_tag(&self.node))
+            .await
+            .map_err(|e| e.to_string())?;
         let lsn = self.engine.status().last_lsn;
         self.set_role(Role::Primary);
         if let Ok(mut l) = self.link.lock() {
@@ -899,59 +907,136 @@ impl Replication {
         id: u64,
     ) -> Result<u64, ConnError> {
         while next <= upto {
-            let entries = self
-                .engine
-                .read_log(next, BATCH_ENTRIES)
-                .map_err(|e| ConnError::Refused(format!("reading the log: {e}")))?;
-            if entries.first().map(|e| e.lsn) != Some(next) {
-                self.metrics.cut_too_far_behind.inc();
-                let why = format!(
-                    "replica fell behind the log's retention (needs LSN {next}, log starts at {}); it will resync from a snapshot",
-                    self.engine.status().first_log_lsn
-                );
-                tracing::warn!(peer = id, "{why}");
-                conn::refuse(wr, &why).await;
-                return Err(ConnError::Refused(why));
-            }
-            let mut frame = Vec::new();
-            let mut bytes = 0;
-            for e in entries {
-                next = e.lsn + 1;
-                let enc = e.encode();
-                bytes += enc.len();
-                frame.push(enc);
-                if bytes >= BATCH_BYTES {
-                    break;
-                }
-            }
-            let n = frame.len() as u64;
-            let primary_lsn = self.engine.status().durable_lsn;
-            self.send(
-                wr,
-                &Message::Entries {
-                    primary_lsn,
-                    entries: frame,
-                },
-            )
-            .await?;
-            self.metrics.entries_shipped.inc_by(n);
+            let frame = match self.read_frame(next) {
+                Ok(f) => f,
+                Err(why) => return Err(self.cut(wr, id, why).await),
+            };
+            next = self.forward(wr, frame).await?;
         }
         Ok(next)
     }
 
+    /// Reads one frame of durable log entries starting exactly at `next`: at most
+    /// [`BATCH_ENTRIES`] entries and about [`BATCH_BYTES`]. `Err` says why the replica
+    /// must be cut: the log no longer holds `next` (retention passed it) or cannot be read.
+    fn read_frame(&self, next: u64) -> Result<Frame, String> {
+        let entries = self
+            .engine
+            .read_log(next, BATCH_ENTRIES)
+            .map_err(|e| format!("reading the log: {e}"))?;
+        if entries.first().map(|e| e.lsn) != Some(next) {
+            return Err(format!(
+                "replica fell behind the log's retention (needs LSN {next}, log starts at {}); it will resync from a snapshot",
+                self.engine.status().first_log_lsn
+            ));
+        }
+        let mut frame = Frame {
+            next,
+            bytes: 0,
+            entries: Vec::with_capacity(entries.len()),
+        };
+        for e in entries {
+            frame.next = e.lsn + 1;
+            let enc = e.encode();
+            frame.bytes += enc.len();
+            frame.entries.push(enc);
+            if frame.bytes >= BATCH_BYTES {
+                break;
+            }
+        }
+        Ok(frame)
+    }
+
+    /// Sends one frame of entries; returns the next LSN to send.
+    async fn forward(&self, wr: &mut WriteHalf<BoxStream>, frame: Frame) -> Result<u64, ConnError> {
+        let n = frame.entries.len() as u64;
+        let primary_lsn = self.engine.status().durable_lsn;
+        self.send(
+            wr,
+            &Message::Entries {
+                primary_lsn,
+                entries: frame.entries,
+            },
+        )
+        .await?;
+        self.metrics.entries_shipped.inc_by(n);
+        Ok(frame.next)
+    }
+
+    /// Tells a replica why it is cut and counts it; returns the error ending its stream.
+    async fn cut(&self, wr: &mut WriteHalf<BoxStream>, id: u64, why: String) -> ConnError {
+        self.metrics.cut_too_far_behind.inc();
+        tracing::warn!(peer = id, "{why}");
+        conn::refuse(wr, &why).await;
+        ConnError::Refused(why)
+    }
+
+    /// Follows the log from `from` in its own task while a snapshot is being sent: each
+    /// entry is read as soon as it is durable into a queue of at most [`TAIL_BYTES`]
+    /// encoded bytes. The sender may spend seconds pushing pages to a replica that is
+    /// installing them; without this reader the log would roll past retention meanwhile
+    /// and every snapshot under a steady write load would end in a cut and start over.
+    /// Bounded: a replica that does not drain the queue lets the reader fall out of the
+    /// log, and it is cut.
+    fn spawn_tail(self: &Arc<Self>, from: u64) -> Tail {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(TAIL_BYTES));
+        let me = self.clone();
+        let space = room.clone();
+        let task = tokio::spawn(async move {
+            let mut durable_rx = me.engine.subscribe_durable();
+            let mut next = from;
+            loop {
+                let durable = *durable_rx.borrow_and_update();
+                while next <= durable {
+                    let frame = me.read_frame(next);
+                    match &frame {
+                        Ok(f) => {
+                            next = f.next;
+                            let want = u32::try_from(f.bytes.min(TAIL_BYTES)).unwrap_or(u32::MAX);
+                            match space.clone().acquire_many_owned(want).await {
+                                Ok(p) => p.forget(),
+                                Err(_) => return,
+                            }
+                        }
+                        Err(_) => {
+                            let _ = tx.send(frame);
+                            return;
+                        }
+                    }
+                    if tx.send(frame).is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = durable_rx.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Tail {
+            rx,
+            room,
+            task: AbortOnDrop(task),
+        }
+    }
+
     /// Sends a snapshot: tag = durable LSN before reading anything, then pages of records
-    /// with the log entries after the tag interleaved (everything durable before each
-    /// page is read goes out first), so neither the snapshot nor the log's retention
-    /// waits for the other. Entries set whole values, so the replica converges: a page
-    /// never undoes an entry sent before it (the page was read after the entry applied),
-    /// and an entry sent after a page is applied after it. Returns the next LSN to send.
+    /// with the log entries after the tag interleaved, then `SnapshotEnd` once every entry
+    /// up to the last one a page may hold is durable and sent. Entries come from
+    /// [`Replication::spawn_tail`], so neither the snapshot nor the log's retention waits
+    /// for the other. Entries set whole values, so the replica converges whatever the
+    /// interleaving: a key's last write is either in the page read after it or in an
+    /// entry, and every entry after the tag is applied in order. Returns the next LSN to
+    /// send.
     async fn send_snapshot(
-        &self,
+        self: &Arc<Self>,
         wr: &mut WriteHalf<BoxStream>,
         history: Vec<(u64, u64)>,
         id: u64,
     ) -> Result<u64, ConnError> {
         let tag = self.engine.status().durable_lsn;
+        let mut tail = self.spawn_tail(tag + 1);
         self.send(
             wr,
             &Message::SnapshotBegin {
@@ -963,8 +1048,9 @@ impl Replication {
         let mut next = tag + 1;
         let mut cursor: Option<Vec<u8>> = None;
         loop {
-            let durable = self.engine.status().durable_lsn;
-            next = self.send_entries(wr, next, durable, id).await?;
+            while let Ok(frame) = tail.rx.try_recv() {
+                next = self.forward_tail(wr, &mut tail, frame, id).await?;
+            }
             let (page, more) = self
                 .engine
                 .snapshot_page(cursor.as_deref(), BATCH_BYTES)
@@ -984,19 +1070,62 @@ impl Replication {
         // Pages may include records applied but not yet durable: wait for them to be,
         // so a replica never becomes ready holding what the primary could still lose.
         let end = self.engine.status().last_lsn;
-        let mut rx = self.engine.subscribe_durable();
-        let waited = tokio::time::timeout(self.frame_timeout, rx.wait_for(|d| *d >= end))
-            .await
-            .map(|r| r.is_ok())
-            .unwrap_or(false);
-        if !waited {
-            return Err(ConnError::Timeout("the primary making a snapshot durable"));
+        while next <= end {
+            match tokio::time::timeout(self.frame_timeout, tail.rx.recv()).await {
+                Ok(Some(frame)) => next = self.forward_tail(wr, &mut tail, frame, id).await?,
+                Ok(None) => return Err(ConnError::Refused("the log reader stopped".into())),
+                Err(_) => return Err(ConnError::Timeout("the primary making a snapshot durable")),
+            }
         }
-        next = self.send_entries(wr, next, end, id).await?;
         self.send(wr, &Message::SnapshotEnd { end_lsn: end })
             .await?;
         self.metrics.snapshots_sent.inc();
+        // Hand over to the direct reader: stop the tail, send what it already queued
+        // (contiguous from `next`), and stream on from there.
+        tail.task.0.abort();
+        while let Ok(frame) = tail.rx.try_recv() {
+            next = self.forward_tail(wr, &mut tail, frame, id).await?;
+        }
         Ok(next)
+    }
+
+    /// Sends a frame from the tail reader, merged with the frames queued behind it (up
+    /// to about one frame's limits, so a reader that woke per write still makes large
+    /// frames), and gives their bytes back to the queue; or cuts the replica if the reader
+    /// fell out of the log.
+    async fn forward_tail(
+        &self,
+        wr: &mut WriteHalf<BoxStream>,
+        tail: &mut Tail,
+        first: Result<Frame, String>,
+        id: u64,
+    ) -> Result<u64, ConnError> {
+        let mut frame = match first {
+            Ok(f) => f,
+            Err(why) => return Err(self.cut(wr, id, why).await),
+        };
+        let mut failed = None;
+        while frame.bytes < BATCH_BYTES && frame.entries.len() < BATCH_ENTRIES {
+            match tail.rx.try_recv() {
+                Ok(Ok(more)) => {
+                    frame.next = more.next;
+                    frame.bytes += more.bytes;
+                    frame.entries.extend(more.entries);
+                }
+                Ok(Err(why)) => {
+                    failed = Some(why);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let bytes = frame.bytes;
+        let next = self.forward(wr, frame).await?;
+        tail.room.add_permits(bytes.min(TAIL_BYTES));
+        match failed {
+            Some(why) => Err(self.cut(wr, id, why).await),
+            None => Ok(next),
+        }
     }
 
     // ---------------------------------------------------------------- replica side
@@ -1340,6 +1469,31 @@ impl Replication {
     }
 }
 
+/// One `Entries` frame's worth of encoded log entries, and the LSN after them.
+struct Frame {
+    next: u64,
+    bytes: usize,
+    entries: Vec<Vec<u8>>,
+}
+
+/// The log reader of a snapshot sender: its queue of frames, the room left in it
+/// (bytes), and the task (stopped when this is dropped).
+struct Tail {
+    rx: mpsc::UnboundedReceiver<Result<Frame, String>>,
+    room: Arc<Semaphore>,
+    task: AbortOnDrop,
+}
+
+/// Aborts a task when dropped, so a sender that fails mid-snapshot never leaves its log
+/// reader behind.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Peer2 {
     replica: String,
     applied: u64,
@@ -1351,4 +1505,137 @@ enum Phase {
     AwaitStart,
     Snapshot { tag: u64 },
     Streaming,
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::storage::{EngineConfig, Precondition, Write, WriteOp};
+
+    fn engine(dir: &std::path::Path, retention: u64) -> Arc<Engine> {
+        Engine::open(EngineConfig {
+            path: dir.to_path_buf(),
+            log_retention: retention,
+            max_group: 128,
+            cache_bytes: 16 << 20,
+        })
+        .expect("open engine")
+    }
+
+    fn put(id: &str, body: String) -> Write {
+        Write {
+            key: Key::new("t", id).expect("key"),
+            op: WriteOp::Put(Bytes::from(body)),
+            precondition: Precondition::None,
+        }
+    }
+
+    /// The root cause of the late-replica defect: a snapshot sender blocked for a long
+    /// time pushing a page to a replica that is busy installing it, while writes roll the
+    /// log past its retention several times. The entries after the snapshot's tag must
+    /// still all reach the replica (read as they became durable), so the snapshot
+    /// completes instead of cutting the replica into an endless resnapshot loop, and the
+    /// installed copy is identical to the primary.
+    #[tokio::test]
+    async fn snapshot_completes_while_the_log_rolls_past_retention_behind_a_stalled_replica() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let primary = engine(&tmp.path().join("p"), 50);
+        let pad = "x".repeat(1000);
+        for b in 0..30 {
+            let writes = (0..100)
+                .map(|i| {
+                    put(
+                        &format!("r{b:02}-{i:03}"),
+                        format!("{{\"v\":0,\"p\":\"{pad}\"}}"),
+                    )
+                })
+                .collect();
+            primary.write(writes).await.expect("seed");
+        }
+        let config: StorageConfig = toml::from_str("listen = \"127.0.0.1:0\"").expect("config");
+        let repl = Replication::new(&config, primary.clone(), b"secret", "p").expect("repl");
+
+        // A 64 KiB pipe: the sender blocks inside the first 1 MiB page until we read.
+        let (ours, theirs) = tokio::io::duplex(64 << 10);
+        let boxed: BoxStream = Box::new(theirs);
+        let (_rd, mut wr) = tokio::io::split(boxed);
+        let history = primary.history().to_pairs();
+        let sender = {
+            let repl = repl.clone();
+            tokio::spawn(async move { repl.send_snapshot(&mut wr, history, 1).await })
+        };
+        tokio::task::yield_now().await;
+        let tag = primary.status().durable_lsn;
+
+        // Overwrite keys of the first (already streaming) page and delete some, one entry
+        // at a time, until the log has rolled past retention four times over.
+        let mut i = 0u64;
+        while primary.status().first_log_lsn <= tag + 200 {
+            let id = format!("r00-{:03}", i % 100);
+            let w = if i % 7 == 3 {
+                Write {
+                    key: Key::new("t", &id).expect("key"),
+                    op: WriteOp::Delete,
+                    precondition: Precondition::None,
+                }
+            } else {
+                put(&id, format!("{{\"v\":{i}}}"))
+            };
+            primary.write(vec![w]).await.expect("write");
+            i += 1;
+        }
+        assert!(!sender.is_finished(), "the sender must still be stalled");
+
+        // Now the replica reads everything and installs it.
+        let replica = engine(&tmp.path().join("r"), 1_000_000);
+        let mut fr = FrameReader::new(ours, protocol::MAX_FRAME_CEILING, Duration::from_secs(10));
+        let mut ended = None;
+        while ended.is_none() {
+            match fr.read().await.expect("frame").expect("not closed") {
+                Message::SnapshotBegin { history, tag_lsn } => {
+                    assert_eq!(tag_lsn, tag);
+                    let h = History::from_pairs(&history).expect("history");
+                    replica.snapshot_begin(h, tag_lsn).await.expect("begin");
+                }
+                Message::SnapshotChunk { records } => {
+                    let page = records
+                        .into_iter()
+                        .map(|(k, r)| (k, wire::record_from_wire(r)))
+                        .collect();
+                    replica.snapshot_chunk(page).await.expect("chunk");
+                }
+                Message::Entries { entries, .. } => {
+                    let batch = entries
+                        .iter()
+                        .map(|b| LogEntry::decode(b).expect("entry"))
+                        .collect();
+                    replica.apply_replicated(batch).await.expect("in order");
+                }
+                Message::SnapshotEnd { end_lsn } => ended = Some(end_lsn),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let next = sender.await.expect("join").expect("snapshot sent");
+        // Whatever the sender queued after the end arrives before it returns.
+        while replica.status().durable_lsn + 1 < next {
+            if let Some(Message::Entries { entries, .. }) = fr.read().await.expect("frame") {
+                let batch = entries
+                    .iter()
+                    .map(|b| LogEntry::decode(b).expect("entry"))
+                    .collect();
+                replica.apply_replicated(batch).await.expect("in order");
+            }
+        }
+        replica.snapshot_end().await.expect("end");
+        let last = primary.status().last_lsn;
+        assert!(ended.is_some_and(|e| e <= last));
+        assert_eq!(replica.status().durable_lsn, last);
+        assert_eq!(
+            replica.content_hash().expect("hash"),
+            primary.content_hash().expect("hash")
+        );
+        assert_eq!(repl.metrics.cut_too_far_behind.get(), 0);
+    }
 }

@@ -96,13 +96,23 @@ impl History {
         Some(self.0.get(i + 1).map_or(u64::MAX, |next| next.after_lsn))
     }
 
-    /// This history with a new epoch starting after `last_lsn`: what a promotion writes.
+    /// This history with a new epoch starting after `last_lsn`: what a promotion by the
+    /// node with tag `node` ([`node_tag`]) writes.
+    ///
+    /// An epoch is `term << 32 | node`: the new term is one above the current one, so the
+    /// new epoch is above every epoch this node has seen, and the node's tag in the low
+    /// bits keeps two promotions that could not see each other (a partition, an operator
+    /// promoting two replicas) from ever naming the same epoch. Were the names equal, two
+    /// primaries promoted at the same LSN would hold identical histories and accept each
+    /// other's diverged writes as a shared log; distinct, each one's tail is a divergence
+    /// to the other, and the lower of the two is fenced when they meet.
     ///
     /// Epochs this node learnt of but that began after `last_lsn` (it was lagging behind
     /// their primary) are dropped: it holds none of their entries, and keeping their line
     /// would make later LSNs ambiguous. The new epoch is still above all of them.
-    pub fn promoted(&self, last_lsn: u64) -> History {
-        let epoch = self.current() + 1;
+    pub fn promoted(&self, last_lsn: u64, node: u32) -> History {
+        let term = (self.current() >> 32).saturating_add(1);
+        let epoch = (term << 32) | u64::from(node);
         let mut lines: Vec<EpochStart> = self
             .0
             .iter()
@@ -178,6 +188,16 @@ impl History {
                 .collect(),
         )
     }
+}
+
+/// The tag a node stamps into the low 32 bits of the epochs it starts (see
+/// [`History::promoted`]): the first four bytes of SHA-256 of its `[node] name`, so node
+/// names must be unique in a fleet (they are how status pages tell nodes apart anyway).
+pub fn node_tag(name: &str) -> u32 {
+    let d = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&d.as_ref()[..4]);
+    u32::from_be_bytes(b)
 }
 
 /// Where a subscribing replica stands, as it reports itself.
@@ -371,11 +391,11 @@ mod tests {
         assert!(History::from_pairs(&[]).is_err());
         assert!(History::from_pairs(&[(2, 0), (1, 5)]).is_err());
         assert!(History::from_pairs(&[(1, 5), (2, 4)]).is_err());
-        assert_eq!(x.promoted(350).current(), 5);
+        assert_eq!(x.promoted(350, 7).current(), 1 << 32 | 7);
         // A lagging replica promoted: the epoch it never received entries of is dropped.
         assert_eq!(
-            x.promoted(250),
-            h(&[(1, 0), (2, 200), (5, 250)]),
+            x.promoted(250, 9),
+            h(&[(1, 0), (2, 200), (1 << 32 | 9, 250)]),
             "epoch 4 began after 300, beyond this node's log"
         );
     }
@@ -566,7 +586,7 @@ mod tests {
                             continue;
                         }
                         let last = nodes[r].log.len() as u64;
-                        nodes[r].history = nodes[r].history.promoted(last);
+                        nodes[r].history = nodes[r].history.promoted(last, r as u32);
                         primary = r;
                     }
                 }
@@ -589,6 +609,38 @@ mod tests {
                     prop_assert_eq!(&node.log, &p.log);
                 }
             }
+        }
+
+        /// Two promotions that cannot see each other (same history, any LSNs, two
+        /// nodes) never name the same epoch, both are above everything before, and a
+        /// replica holding one's writes is never offered the other's log to resume on.
+        #[test]
+        fn independent_promotions_never_collide(
+            before in proptest::collection::vec((1u64..4, 0u64..50), 0..4),
+            a in 0u64..200, b in 0u64..200, wa in 1u64..20, wb in 1u64..20,
+            ta in any::<u32>(), tb in any::<u32>(),
+        ) {
+            prop_assume!(ta != tb);
+            let mut base = History::initial();
+            for (bump, gap) in before {
+                let after = base.lines().last().map_or(0, |l| l.after_lsn) + gap;
+                let epoch = base.current() + (bump << 32);
+                base = History::from_pairs(&[base.to_pairs(), vec![(epoch, after)]].concat()).unwrap();
+            }
+            let start = base.lines().last().map_or(0, |l| l.after_lsn);
+            let (a, b) = (start + a, start + b);
+            let ha = base.promoted(a, ta);
+            let hb = base.promoted(b, tb);
+            prop_assert_ne!(ha.current(), hb.current());
+            prop_assert!(ha.current() > base.current() && hb.current() > base.current());
+            // Each wrote at least one entry in its own epoch.
+            let (la, lb) = (a + wa, b + wb);
+            prop_assert!(!hb.contains_position(&ha, la));
+            prop_assert!(!ha.contains_position(&hb, lb));
+            let p = PrimaryPosition { history: hb.clone(), first_log_lsn: 1, durable_lsn: lb.max(la) };
+            let r = ReplicaPosition { history: ha.clone(), applied_lsn: la, needs_snapshot: false };
+            let resumes = matches!(plan(&p, &r), Plan::Resume { .. });
+            prop_assert!(!resumes, "a diverged replica must not resume");
         }
     }
 }
