@@ -138,6 +138,7 @@ pub fn admin_token(c: &Config) -> Option<String> {
     if let Some(e) = &c.edge {
         tokens.extend(e.tokens.iter().cloned());
     }
+    tokens.extend(c.node.admin_tokens.iter().cloned());
     tokens
         .iter()
         .filter(|t| t.scopes.contains(&Scope::Admin))
