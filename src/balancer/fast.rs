@@ -514,7 +514,7 @@ mod bufs {
     use std::cell::RefCell;
 
     /// Buffers kept per thread.
-    const KEEP: usize = 256;
+    const KEEP: usize = 64;
     /// Larger buffers are freed instead of kept.
     const MAX_KEPT: usize = 64 << 10;
 
