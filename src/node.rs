@@ -352,9 +352,13 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             let served = balancer.clone();
             let limits = cfg.http.clone();
             let stop = stop_rx.clone();
+            // Plain HTTP/1.1 clients take the balancer's fast path; TLS, h2 and unusual
+            // requests the general one.
+            let fast = balancer.fast_path(&limits);
             let make = move |peer| served.service(peer, proto);
             tasks.spawn(async move {
-                server::serve("balancer", listener, &limits, tls, make, stop, grace).await
+                server::serve_fast("balancer", listener, &limits, tls, fast, make, stop, grace)
+                    .await
             });
             Some(balancer)
         }

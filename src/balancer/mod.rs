@@ -7,6 +7,7 @@
 //! Background: [`Balancer::run_health`] probes backends and sweeps idle connections.
 //! Reload swaps the whole [`pool::Pool`]; certificates come from [`crate::tls`].
 
+mod fast;
 pub mod health;
 pub mod pick;
 pub mod pool;

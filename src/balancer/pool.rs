@@ -126,6 +126,25 @@ pub enum KeySource {
 }
 
 impl KeySource {
+    /// [`KeySource::hash`] over raw fields (name, value), as the fast path has them.
+    pub fn hash_fields<'a>(
+        &self,
+        mut fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Option<u64> {
+        match self {
+            KeySource::Header(name) => fields
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
+                .map(|(_, v)| pick::stable_hash(v)),
+            KeySource::Cookie(name) => fields
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"cookie"))
+                .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| pick::stable_hash(v.trim_matches('"').as_bytes())),
+        }
+    }
+
     /// The key's hash for this request, when the request carries it.
     pub fn hash(&self, headers: &HeaderMap) -> Option<u64> {
         match self {
@@ -284,5 +303,16 @@ mod tests {
         assert_eq!(KeySource::Cookie("nope".into()).hash(&h), None);
         let x = KeySource::Header(HeaderName::from_static("x-user")).hash(&h);
         assert_eq!(x, Some(pick::stable_hash(b"alice")));
+        // The fast path's raw fields hash the same.
+        let raw = [
+            (&b"Cookie"[..], &b"a=1; session=\"xyz\"; b=2"[..]),
+            (b"X-User", b"alice"),
+        ];
+        let raw_hash = |k: &KeySource| k.hash_fields(raw.iter().copied());
+        assert_eq!(raw_hash(&KeySource::Cookie("session".into())), c);
+        assert_eq!(
+            raw_hash(&KeySource::Header(HeaderName::from_static("x-user"))),
+            x
+        );
     }
 }

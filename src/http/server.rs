@@ -33,6 +33,59 @@ pub async fn wait_for(shutdown: &mut Shutdown) {
 /// without a restart and every new connection takes the current one.
 pub type Tls = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
 
+/// A handler that serves plain-TCP connections itself (the balancer's HTTP/1.1 fast path)
+/// until it meets something it leaves to hyper: then it returns the connection with the
+/// bytes it already read, and hyper serves the rest of it. `None`: the connection is done.
+pub type FastPath = Arc<
+    dyn Fn(
+            tokio::net::TcpStream,
+            SocketAddr,
+            Shutdown,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Handoff>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A connection handed from a [`FastPath`] to hyper mid-stream.
+pub struct Handoff {
+    /// The client connection.
+    pub stream: tokio::net::TcpStream,
+    /// Bytes read from it and not yet served; hyper reads these first.
+    pub read: Vec<u8>,
+}
+
+/// [`serve`], with plain-TCP connections going to `fast` first.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_fast<F, S>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: &HttpLimits,
+    tls: Option<Tls>,
+    fast: FastPath,
+    make_service: F,
+    shutdown: Shutdown,
+    grace: Duration,
+) -> usize
+where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    serve_with(
+        name,
+        listener,
+        limits,
+        tls,
+        Some(fast),
+        make_service,
+        shutdown,
+        grace,
+    )
+    .await
+}
+
 /// Accepts connections until `shutdown`, serving each with a service made per connection
 /// from the peer address — after a TLS handshake (bounded by the header read timeout) when
 /// `tls` is set; then waits up to `grace` for in-flight requests to finish. Returns how
@@ -42,6 +95,37 @@ pub async fn serve<F, S>(
     listener: TcpListener,
     limits: &HttpLimits,
     tls: Option<Tls>,
+    make_service: F,
+    shutdown: Shutdown,
+    grace: Duration,
+) -> usize
+where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    serve_with(
+        name,
+        listener,
+        limits,
+        tls,
+        None,
+        make_service,
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_with<F, S>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: &HttpLimits,
+    tls: Option<Tls>,
+    fast: Option<FastPath>,
     make_service: F,
     mut shutdown: Shutdown,
     grace: Duration,
@@ -90,12 +174,32 @@ where
             _ = wait_for(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = tls
             .as_ref()
             .map(|t| tokio_rustls::TlsAcceptor::from(t.load_full()));
+        if let (None, Some(fast)) = (&acceptor, &fast) {
+            // The fast path serves the connection; hyper takes over what it hands back.
+            let served = fast(stream, peer, shutdown.clone());
+            let make = make_service(peer);
+            tokio::spawn(async move {
+                if let Some(h) = served.await {
+                    let io = TokioIo::new(Prefixed {
+                        read: h.read,
+                        at: 0,
+                        stream: h.stream,
+                    });
+                    let conn = builder.serve_connection_with_upgrades(io, make);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                drop(permit);
+            });
+            continue;
+        }
+        let service = make_service(peer);
         tokio::spawn(async move {
             let result =
                 match acceptor {
@@ -141,5 +245,69 @@ where
             tracing::warn!(listener = name, "drain deadline passed; closing remaining connections");
             open.max(1)
         }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed {
+    read: Vec<u8>,
+    at: usize,
+    stream: tokio::net::TcpStream,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.read.len() {
+            let n = buf.remaining().min(self.read.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.read[at..at + n]);
+            self.at += n;
+            if self.at == self.read.len() {
+                self.read = Vec::new();
+                self.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

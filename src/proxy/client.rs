@@ -51,10 +51,65 @@ struct Idle {
     since: Instant,
 }
 
+/// A plain keep-alive TCP connection to the upstream for the fast path, which speaks
+/// HTTP/1.1 on it itself ([`super::h1`]). Counted in [`ConnPool::open_connections`] until
+/// dropped.
+pub struct RawConn {
+    /// The connection.
+    pub stream: TcpStream,
+    /// True when it came from the pool (it may have been closed by the upstream since).
+    pub reused: bool,
+    open: OpenGuard,
+}
+
+/// Decrements the open-connection count when the connection is dropped.
+struct OpenGuard(Arc<AtomicI64>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicI64>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(open.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct RawIdle {
+    stream: TcpStream,
+    since: Instant,
+    open: OpenGuard,
+}
+
+impl RawIdle {
+    /// Still usable: fresh enough, and the upstream has neither closed it nor sent
+    /// anything unasked. Costs no syscall unless the reactor saw the socket readable.
+    fn alive(&self, max_age: Duration) -> bool {
+        if self.since.elapsed() >= max_age {
+            return false;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            std::task::Poll::Pending => true,
+            std::task::Poll::Ready(Err(_)) => false,
+            // Readable while idle: EOF, an error, or stray bytes — unless it was only
+            // leftover readiness, which `try_read` clears.
+            std::task::Poll::Ready(Ok(())) => matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+}
+
 /// Keep-alive connections to one upstream address.
 pub struct ConnPool {
     addr: SocketAddr,
     idle: Mutex<VecDeque<Idle>>,
+    raw: Mutex<Vec<RawIdle>>,
     open: Arc<AtomicI64>,
 }
 
@@ -64,6 +119,7 @@ impl ConnPool {
         ConnPool {
             addr,
             idle: Mutex::new(VecDeque::new()),
+            raw: Mutex::new(Vec::new()),
             open: Arc::new(AtomicI64::new(0)),
         }
     }
@@ -81,6 +137,48 @@ impl ConnPool {
     /// Connections waiting in the pool.
     pub fn idle_connections(&self) -> usize {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
+            + self.raw.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// A fast-path connection: the most recently used idle one that is still alive, or a
+    /// new one.
+    pub async fn raw(&self, settings: &UpstreamSettings) -> Result<RawConn, ProxyError> {
+        if let Some(c) = self.take_raw(settings.pool_idle_timeout) {
+            return Ok(c);
+        }
+        let stream = self.open_tcp(settings.connect_timeout).await?;
+        Ok(RawConn {
+            stream,
+            reused: false,
+            open: OpenGuard::new(&self.open),
+        })
+    }
+
+    fn take_raw(&self, max_age: Duration) -> Option<RawConn> {
+        let mut idle = self.raw.lock().ok()?;
+        while let Some(i) = idle.pop() {
+            if i.alive(max_age) {
+                return Some(RawConn {
+                    stream: i.stream,
+                    reused: true,
+                    open: i.open,
+                });
+            }
+        }
+        None
+    }
+
+    /// Returns a fast-path connection whose last response was read exactly to its end.
+    pub fn put_raw(&self, conn: RawConn, max_idle: usize) {
+        if let Ok(mut idle) = self.raw.lock() {
+            if idle.len() < max_idle {
+                idle.push(RawIdle {
+                    stream: conn.stream,
+                    since: Instant::now(),
+                    open: conn.open,
+                });
+            }
+        }
     }
 
     /// Returns a connection whose last response was read to its end.
@@ -111,6 +209,15 @@ impl ConnPool {
             Err(_) => return,
         };
         drop(stale);
+        let stale_raw: Vec<RawIdle> = match self.raw.lock() {
+            Ok(mut idle) => {
+                let (keep, stale) = idle.drain(..).partition(|i| i.alive(max_age));
+                *idle = keep;
+                stale
+            }
+            Err(_) => return,
+        };
+        drop(stale_raw);
     }
 
     /// Drops every idle connection (the backend left the pool).
@@ -120,6 +227,11 @@ impl ConnPool {
             Err(_) => return,
         };
         drop(all);
+        let all_raw = match self.raw.lock() {
+            Ok(mut idle) => std::mem::take(&mut *idle),
+            Err(_) => return,
+        };
+        drop(all_raw);
     }
 
     /// The most recently used idle connection that is still fresh.
@@ -135,6 +247,31 @@ impl ConnPool {
 
     /// Opens a new connection and starts driving it.
     pub async fn connect(&self, timeout: Duration) -> Result<Sender, ProxyError> {
+        let stream = self.open_tcp(timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(256 << 10)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| {
+                ProxyError::new(
+                    FailureKind::Connect,
+                    "HTTP handshake with the backend failed",
+                    Some(Box::new(e)),
+                )
+            })?;
+        let open = OpenGuard::new(&self.open);
+        tokio::spawn(async move {
+            // Ends when the upstream closes, on an error, or once every sender is dropped.
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+            drop(open);
+        });
+        Ok(sender)
+    }
+
+    /// Opens a TCP connection within `timeout`.
+    async fn open_tcp(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -153,27 +290,7 @@ impl ConnPool {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .max_buf_size(256 << 10)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| {
-                ProxyError::new(
-                    FailureKind::Connect,
-                    "HTTP handshake with the backend failed",
-                    Some(Box::new(e)),
-                )
-            })?;
-        let open = self.open.clone();
-        open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            // Ends when the upstream closes, on an error, or once every sender is dropped.
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-            open.fetch_sub(1, Ordering::Relaxed);
-        });
-        Ok(sender)
+        Ok(stream)
     }
 
     /// Sends `req` on a pooled connection (or a new one) and waits for the response head.

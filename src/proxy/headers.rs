@@ -59,6 +59,16 @@ impl Forwarding {
             element: owned_value(element),
         }
     }
+
+    /// The client's address as `X-Forwarded-For` writes it.
+    pub fn xff(&self) -> &HeaderValue {
+        &self.xff
+    }
+
+    /// The `Forwarded` element without a host: `for=<client>;proto=<proto>`.
+    pub fn element(&self) -> &HeaderValue {
+        &self.element
+    }
 }
 
 /// A header value that takes over `s` without copying (the text is ours and valid).
@@ -248,6 +258,14 @@ fn ip_text(ip: IpAddr, forwarded: bool) -> String {
     }
 }
 
+/// [`push_token_or_quoted`] for a byte buffer (the fast path's heads); `value` is visible
+/// ASCII.
+pub fn push_token_or_quoted_bytes(out: &mut Vec<u8>, value: &[u8]) {
+    let mut s = String::new();
+    push_token_or_quoted(&mut s, std::str::from_utf8(value).unwrap_or(""));
+    out.extend_from_slice(s.as_bytes());
+}
+
 /// Appends a `Forwarded` parameter value: a token if it is one, else a quoted string.
 fn push_token_or_quoted(out: &mut String, value: &str) {
     let token = !value.is_empty()
@@ -269,18 +287,42 @@ fn push_token_or_quoted(out: &mut String, value: &str) {
 }
 
 fn valid_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
+    valid_request_id_bytes(v.as_bytes())
+}
+
+/// Whether a client's request id is passed on: 1 to 128 visible ASCII characters.
+pub fn valid_request_id_bytes(b: &[u8]) -> bool {
     !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
 }
 
 /// A new request id: a random per-process prefix and a counter — unique, cheap, sortable
 /// within a process.
 fn new_request_id() -> HeaderValue {
+    let mut v = Vec::with_capacity(32);
+    write_request_id(&mut v);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Appends a new request id (see [`to_upstream`]) to `out`, without formatting machinery:
+/// the fast path writes it straight into the upstream head.
+pub fn write_request_id(out: &mut Vec<u8>) {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+    let prefix = *PREFIX.get_or_init(rand::random::<u64>) >> 16;
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    owned_value(format!("{:012x}-{n:x}", prefix >> 16))
+    push_hex(out, prefix, 12);
+    out.push(b'-');
+    push_hex(out, n, 1);
+}
+
+/// `v` in lowercase hex, zero-padded to at least `width` digits.
+fn push_hex(out: &mut Vec<u8>, v: u64, width: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = (16 - v.leading_zeros() as usize / 4).max(width).max(1);
+    for i in (0..digits).rev() {
+        out.push(DIGITS[((v >> (i * 4)) & 0xf) as usize]);
+    }
 }
 
 #[cfg(test)]

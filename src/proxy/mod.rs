@@ -8,6 +8,7 @@
 
 pub mod body;
 pub mod client;
+pub mod h1;
 pub mod headers;
 
 use http::StatusCode;
