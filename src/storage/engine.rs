@@ -227,7 +227,8 @@ enum Msg {
 /// Replication's changes to the engine, carried out on the writer thread in order with
 /// client writes. Each answers an LSN (see [`Engine`]'s replication methods).
 enum ReplOp {
-    Apply(Vec<LogEntry>),
+    /// Entries, and their bytes as shipped (empty: encode them here).
+    Apply(Vec<LogEntry>, Vec<Vec<u8>>),
     Adopt(History),
     SnapshotBegin(History, u64),
     SnapshotChunk(Vec<(String, Record)>),
@@ -804,6 +805,42 @@ impl Engine {
         self.shared.last_lsn.load(Ordering::Acquire)
     }
 
+    /// [`Engine::read_log`] without decoding: each durable entry's stored bytes, checked
+    /// (format, checksum, the LSN inside matching its key) but not parsed, so a primary
+    /// ships them as they are. `(lsn, bytes)`, oldest first; the same gap rule applies.
+    pub fn read_log_raw(
+        &self,
+        from_lsn: u64,
+        max_entries: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, EngineError> {
+        let durable = self.shared.durable_lsn.load(Ordering::Acquire);
+        let from = from_lsn.max(1);
+        if from > durable || max_entries == 0 {
+            return Ok(vec![]);
+        }
+        let mut out = Vec::with_capacity(max_entries.min(1024));
+        for kv in self
+            .shared
+            .db
+            .range(log_key(from)..=log_key(durable))
+            .take(max_entries)
+        {
+            let (k, v) = kv.map_err(|e| sled_err("read log", e))?;
+            let lsn = decode_log_key(&k)?;
+            let ok = v.len() >= LOG_HEADER + 16
+                && v[0] == LOG_FORMAT
+                && v[1..LOG_HEADER] == crc32fast::hash(&v[LOG_HEADER..]).to_le_bytes()
+                && v[LOG_HEADER + 8..LOG_HEADER + 16] == lsn.to_le_bytes();
+            if !ok {
+                return Err(EngineError::Corrupt(format!(
+                    "log entry {lsn}: bad format, checksum or LSN"
+                )));
+            }
+            out.push((lsn, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The current epoch (stored in metadata, 1 for a new database); stamped on every
     /// log entry so replicas can tell which primary wrote it.
     pub fn epoch(&self) -> u64 {
@@ -847,7 +884,24 @@ impl Engine {
     /// writes). Refuses the whole call, applying nothing, when an entry is not the next
     /// LSN or carries another epoch than the history gives it. Returns the applied LSN.
     pub async fn apply_replicated(&self, entries: Vec<LogEntry>) -> Result<u64, EngineError> {
-        self.repl(ReplOp::Apply(entries)).await
+        self.repl(ReplOp::Apply(entries, Vec::new())).await
+    }
+
+    /// [`Engine::apply_replicated`] for entries that arrived encoded: `raw[i]` holds the
+    /// bytes `entries[i]` was decoded from ([`LogEntry::decode`] is strict, so they are
+    /// exactly its encoding) and is stored as the log entry as it is, saving a re-encode
+    /// per entry on a catching-up replica.
+    pub async fn apply_shipped(
+        &self,
+        entries: Vec<LogEntry>,
+        raw: Vec<Vec<u8>>,
+    ) -> Result<u64, EngineError> {
+        if raw.len() != entries.len() {
+            return Err(EngineError::State(
+                "entries and their bytes differ in count".into(),
+            ));
+        }
+        self.repl(ReplOp::Apply(entries, raw)).await
     }
 
     /// Adopts the primary's epoch history (durably) when a replica resumes streaming.
@@ -1121,7 +1175,7 @@ impl Writer {
             return Err(EngineError::Io(msg.clone()));
         }
         let result = match op {
-            ReplOp::Apply(entries) => self.apply_entries(entries),
+            ReplOp::Apply(entries, raw) => self.apply_entries(entries, raw),
             ReplOp::Adopt(history) => self.set_history(history),
             ReplOp::Promote(node_tag) => {
                 if self.shared.resyncing.load(Ordering::Acquire) {
@@ -1175,7 +1229,11 @@ impl Writer {
     /// Applies replicated entries in order as one atomic, durable sled batch. Every
     /// entry is checked first (next LSN, epoch the history gives it); on any refusal
     /// nothing is applied.
-    fn apply_entries(&mut self, entries: Vec<LogEntry>) -> Result<u64, EngineError> {
+    fn apply_entries(
+        &mut self,
+        entries: Vec<LogEntry>,
+        raw: Vec<Vec<u8>>,
+    ) -> Result<u64, EngineError> {
         let mut follower = Follower {
             applied: self.shared.last_lsn.load(Ordering::Acquire),
             history: self.history(),
@@ -1192,6 +1250,7 @@ impl Writer {
         let mut exists: HashMap<Vec<u8>, bool> = HashMap::new();
         let mut delta = 0i64;
         let mut writes = 0u64;
+        let mut raw = raw.into_iter();
         for e in &entries {
             for w in &e.writes {
                 let mut rk = Vec::with_capacity(1 + w.key.len());
@@ -1216,7 +1275,10 @@ impl Writer {
                 exists.insert(rk, w.value.is_some());
                 writes += 1;
             }
-            batch.insert(&log_key(e.lsn), e.encode());
+            match raw.next() {
+                Some(bytes) => batch.insert(&log_key(e.lsn), bytes),
+                None => batch.insert(&log_key(e.lsn), e.encode()),
+            }
             self.last_ts = self.last_ts.max(e.timestamp_ms);
         }
         batch.insert(META_LAST_LSN, &last.to_be_bytes());
@@ -2195,6 +2257,42 @@ mod tests {
             "group commit grouped nothing: {groups} groups"
         );
         eprintln!("1000 batches in {groups} group commits");
+    }
+
+    /// The raw log read a primary ships from gives exactly the stored encodings, and a
+    /// replica storing those bytes as they came holds the same log as one re-encoding.
+    #[tokio::test]
+    async fn raw_log_reads_are_the_encodings_and_apply_as_shipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = open(&tmp.path().join("p"));
+        for i in 0..20 {
+            let k = key("c", &format!("k{}", i % 7));
+            let w = if i % 5 == 4 {
+                del(&k, Precondition::None)
+            } else {
+                put(&k, &format!("{{\"i\":{i}}}"), Precondition::None)
+            };
+            let _ = p.write(vec![w]).await;
+        }
+        let decoded = p.read_log(1, 100).unwrap();
+        let raw = p.read_log_raw(1, 100).unwrap();
+        assert_eq!(raw.len(), decoded.len());
+        for ((lsn, bytes), e) in raw.iter().zip(&decoded) {
+            assert_eq!((*lsn, bytes.clone()), (e.lsn, e.encode()));
+        }
+        assert_eq!(p.read_log_raw(3, 2).unwrap()[0].0, 3);
+        let r = open(&tmp.path().join("r"));
+        let bytes: Vec<Vec<u8>> = raw.into_iter().map(|(_, b)| b).collect();
+        assert!(r
+            .apply_shipped(decoded.clone(), bytes[1..].to_vec())
+            .await
+            .is_err());
+        r.apply_shipped(decoded, bytes).await.unwrap();
+        assert_eq!(r.content_hash().unwrap(), p.content_hash().unwrap());
+        assert_eq!(
+            r.read_log_raw(1, 100).unwrap(),
+            p.read_log_raw(1, 100).unwrap()
+        );
     }
 
     #[tokio::test]

@@ -922,9 +922,9 @@ impl Replication {
     fn read_frame(&self, next: u64) -> Result<Frame, String> {
         let entries = self
             .engine
-            .read_log(next, BATCH_ENTRIES)
+            .read_log_raw(next, BATCH_ENTRIES)
             .map_err(|e| format!("reading the log: {e}"))?;
-        if entries.first().map(|e| e.lsn) != Some(next) {
+        if entries.first().map(|e| e.0) != Some(next) {
             return Err(format!(
                 "replica fell behind the log's retention (needs LSN {next}, log starts at {}); it will resync from a snapshot",
                 self.engine.status().first_log_lsn
@@ -935,9 +935,8 @@ impl Replication {
             bytes: 0,
             entries: Vec::with_capacity(entries.len()),
         };
-        for e in entries {
-            frame.next = e.lsn + 1;
-            let enc = e.encode();
+        for (lsn, enc) in entries {
+            frame.next = lsn + 1;
             frame.bytes += enc.len();
             frame.entries.push(enc);
             if frame.bytes >= BATCH_BYTES {
@@ -1272,6 +1271,7 @@ impl Replication {
                             LogEntry::decode(bytes).map_err(|e| self.refused(&e.to_string()))?,
                         );
                     }
+                    let mut raw = entries;
                     // Gather what else has already arrived into the same apply (one fsync).
                     while batch.len() < 8 * BATCH_ENTRIES {
                         match fr.buffered()? {
@@ -1286,6 +1286,7 @@ impl Replication {
                                             .map_err(|e| self.refused(&e.to_string()))?,
                                     );
                                 }
+                                raw.extend(entries);
                             }
                             Some(other) => {
                                 pending = Some(other);
@@ -1301,7 +1302,7 @@ impl Replication {
                             return Ok(());
                         }
                         self.engine
-                            .apply_replicated(batch)
+                            .apply_shipped(batch, raw)
                             .await
                             .map_err(|e| self.engine_refused(e))?
                     };
