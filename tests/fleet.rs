@@ -369,6 +369,26 @@ async fn fleet_runs_stage6_and_reloads_under_load() {
         replica_reads(&before) + 1,
         "the read was served by a replica"
     );
+    // Record reads through the balancer: each app reads storage once, then answers from
+    // its record cache (kept coherent by the primary's change feed).
+    let lb_url = fleet.url(8600);
+    let mut app_hits = 0;
+    for _ in 0..12 {
+        let r = c
+            .get(format!("{lb_url}/api/v1/users/alice"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if r.headers()["cache-status"] == "strata; hit" {
+            app_hits += 1;
+        }
+        assert_eq!(r.text().await.unwrap(), r#"{"name":"Alice"}"#);
+    }
+    assert!(
+        app_hits >= 1,
+        "no app cache hit in 12 reads through the balancer"
+    );
     // A cacheable static file: the second request is an edge hit.
     let first = c
         .get(format!("{edge}/assets/app.css"))

@@ -544,11 +544,7 @@ impl Engine {
         let path = config.path.clone();
         std::fs::create_dir_all(&path)
             .map_err(|e| io_err(&format!("create {}", path.display()), e))?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(config.cache_bytes)
-            .open()
-            .map_err(|e| sled_err(&format!("open sled at {}", path.display()), e))?;
+        let db = open_sled(&path, config.cache_bytes)?;
 
         let epoch = match db.get(META_EPOCH).map_err(|e| sled_err("read epoch", e))? {
             Some(v) => decode_meta_u64("epoch", &v)?,
@@ -1037,6 +1033,31 @@ impl Drop for Engine {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
             tracing::error!(error = %e, "storage engine shutdown on drop failed");
+        }
+    }
+}
+
+/// Opens sled, waiting up to [`LOCK_WAIT`] for its file lock. Sled releases the lock when
+/// its last internal handle drops, and its background threads drop theirs a moment after
+/// the engine that closed them is gone; an in-process reopen (tests, `strata restore`
+/// checks) under load could otherwise fail with "could not acquire lock". Another live
+/// process holding the directory still fails, after the wait, with sled's message.
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, EngineError> {
+    const LOCK_WAIT: Duration = Duration::from_secs(3);
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(sled_err(&format!("open sled at {}", path.display()), e)),
         }
     }
 }
