@@ -57,7 +57,6 @@ storage = { primary = \"127.0.0.1:27105\" }
 [app.cache]
 max_bytes = \"64MiB\""
       run "stage 5 kv-get (app + record cache + remote storage, both on CPU 0)" kv-get http://127.0.0.1:28606
-      curl -s http://127.0.0.1:29606/admin/status | grep -o '"hit_ratio":[0-9.]*' | head -1; stop ;;
     edge)
       start edge "$(node edge 29607)
 [edge]
