@@ -313,6 +313,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                     listener,
                     &limits,
                     None,
+                    server::ConnMode::Plain,
                     move |peer| {
                         let app = served.clone();
                         hyper::service::service_fn(move |req| app.clone().handle(req, peer))
@@ -357,8 +358,17 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             let fast = balancer.fast_path(&limits);
             let make = move |peer| served.service(peer, proto);
             tasks.spawn(async move {
-                server::serve_fast("balancer", listener, &limits, tls, fast, make, stop, grace)
-                    .await
+                server::serve(
+                    "balancer",
+                    listener,
+                    &limits,
+                    tls,
+                    server::ConnMode::FastPath(fast),
+                    make,
+                    stop,
+                    grace,
+                )
+                .await
             });
             Some(balancer)
         }
@@ -395,6 +405,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
                     listener,
                     &limits,
                     tls,
+                    server::ConnMode::RelayInterim,
                     move |peer| {
                         let edge = served.clone();
                         hyper::service::service_fn(move |req| edge.clone().handle(req, peer))
@@ -447,6 +458,7 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             admin_listener,
             &config::HttpLimits::default(),
             None,
+            server::ConnMode::Plain,
             move |_| {
                 let admin = served.clone();
                 hyper::service::service_fn(move |req| admin.clone().handle(req))

@@ -34,6 +34,8 @@ struct Reply {
     etag_304: Option<String>,
     /// Body = the value of this request header.
     echo: Option<String>,
+    /// Raw 1xx interim responses sent first; the final response waits for the notify.
+    interim: Option<(String, Arc<tokio::sync::Notify>)>,
 }
 
 fn reply(cc: &str, body: &str) -> Reply {
@@ -153,6 +155,12 @@ async fn serve(mut sock: TcpStream, state: Arc<State>) {
             });
         if !r.delay.is_zero() {
             tokio::time::sleep(r.delay).await;
+        }
+        if let Some((raw, go_on)) = &r.interim {
+            if sock.write_all(raw.as_bytes()).await.is_err() {
+                return;
+            }
+            go_on.notified().await;
         }
         let mut status = r.status;
         let mut body = r.body.clone();
@@ -1299,4 +1307,93 @@ async fn active_probes_take_a_failing_upstream_out_and_bring_it_back() {
     }
     let on_b: usize = (0..8).map(|i| b.hits(&format!("/h/{i}"))).sum();
     assert!(on_b >= 3, "back in rotation: {on_b} of 8 on b");
+}
+
+/// Reads from `sock` until `buf` holds `needle`, or gives up after 10 s.
+async fn read_until(sock: &mut TcpStream, buf: &mut Vec<u8>, needle: &[u8]) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, sock.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn early_hints_are_relayed_before_the_final_response_and_never_cached() {
+    let origin = Origin::start().await;
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let hint = "HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload; as=style\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n";
+    let mut r = reply("max-age=600", "final body");
+    r.interim = Some((hint.into(), go_on.clone()));
+    origin.route("/hinted", r);
+    let (node, url, _tmp) = start_edge(&origin, "");
+    let edge: SocketAddr = node.listening["edge"];
+
+    let mut sock = TcpStream::connect(edge).await.unwrap();
+    sock.write_all(b"GET /hinted HTTP/1.1\r\nHost: site\r\n\r\n")
+        .await
+        .unwrap();
+    // The hint arrives while the origin still holds the final response back.
+    let mut buf = Vec::new();
+    assert!(read_until(&mut sock, &mut buf, b"\r\n\r\n").await, "no 103");
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 103 early hints\r\n"), "{head}");
+    assert!(
+        head.contains("link: </s.css>; rel=preload; as=style"),
+        "{head}"
+    );
+    assert!(
+        !head.contains("x-hop"),
+        "hop-by-hop fields are not relayed: {head}"
+    );
+    go_on.notify_one();
+    assert!(read_until(&mut sock, &mut buf, b"final body").await);
+    let all = String::from_utf8_lossy(&buf).into_owned();
+    let final_at = all.find("HTTP/1.1 200").expect("final response");
+    assert!(all[final_at..].contains("strata; fwd=uri-miss"), "{all}");
+
+    // The same connection goes on cleanly; the stored response is the final one alone.
+    buf.clear();
+    sock.write_all(b"GET /hinted HTTP/1.1\r\nHost: site\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_until(&mut sock, &mut buf, b"final body").await);
+    let again = String::from_utf8_lossy(&buf).into_owned();
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    assert!(again.contains("strata; hit"), "{again}");
+    assert!(!again.contains("103"), "{again}");
+    assert_eq!(origin.hits("/hinted"), 1);
+
+    // HTTP/1.0 clients must not get 1xx responses; they get the final one.
+    let mut r = reply("no-store", "old client");
+    r.interim = Some((hint.into(), go_on.clone()));
+    origin.route("/hinted10", r);
+    let mut sock10 = TcpStream::connect(edge).await.unwrap();
+    sock10
+        .write_all(b"GET /hinted10 HTTP/1.0\r\nHost: site\r\n\r\n")
+        .await
+        .unwrap();
+    // Wait until the origin has sent its hint, then let it finish.
+    while origin.hits("/hinted10") == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    go_on.notify_one();
+    let mut buf10 = Vec::new();
+    assert!(read_until(&mut sock10, &mut buf10, b"old client").await);
+    let text = String::from_utf8_lossy(&buf10).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(!text.contains(" 103 "), "{text}");
+
+    // An ordinary client (reqwest skips 1xx) sees just the final response.
+    go_on.notify_one();
+    let (status, body, h) = get(&format!("{url}/hinted10"), &[]).await;
+    assert_eq!((status, body.as_str()), (200, "old client"));
+    assert!(cs(&h).contains("fwd=uri-miss"), "{}", cs(&h));
 }

@@ -56,7 +56,7 @@ listen = \"127.0.0.1:28606\"
 storage = { primary = \"127.0.0.1:27105\" }
 [app.cache]
 max_bytes = \"64MiB\""
-      run "stage 5 kv-get (app + record cache + remote storage, both on CPU 0)" kv-get http://127.0.0.1:28606
+      run "stage 5 kv-get (app + record cache + remote storage, both on CPU 0)" kv-get http://127.0.0.1:28606; stop ;;
     edge)
       start edge "$(node edge 29607)
 [edge]

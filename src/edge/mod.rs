@@ -42,6 +42,7 @@ use self::upstream::{Collected, IdleBody, UpstreamError, Upstreams};
 use crate::config::edge::EdgeConfig;
 use crate::http::admin::Component;
 use crate::http::body::{self, Body};
+use crate::http::interim::InterimRelay;
 use crate::http::problem::Problem;
 use crate::http::server::Tls;
 use crate::metrics::Metrics;
@@ -131,6 +132,9 @@ struct Ask {
     headers: HeaderMap,
     cc: Directives,
     coding: Coding,
+    /// Where 1xx interim responses from the origin go: the client's connection, when it
+    /// speaks HTTP/1.1 (HTTP/1.0 clients must not get them; h2 is not wired).
+    interim: Option<InterimRelay>,
 }
 
 /// `Cache-Status` of a fresh hit: built once.
@@ -280,7 +284,7 @@ impl Edge {
         req: Request<Incoming>,
         _peer: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
-        let (parts, incoming) = req.into_parts();
+        let (mut parts, incoming) = req.into_parts();
         let Some(host) = host_of(&parts) else {
             return Ok(with_status(
                 Problem::new(StatusCode::BAD_REQUEST, "a Host is required").into_response(),
@@ -292,7 +296,13 @@ impl Edge {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
+        let interim = if parts.version == http::Version::HTTP_11 {
+            parts.extensions.remove::<InterimRelay>()
+        } else {
+            None
+        };
         let ask = Ask {
+            interim,
             primary: format!("{host}{target}"),
             cc: policy::request_directives(&parts.headers),
             coding: policy::negotiate_encoding(&parts.headers),
@@ -468,7 +478,13 @@ impl Edge {
         let request_time = policy::now_secs();
         let result = live
             .upstreams
-            .send(&Method::GET, &ask.target, &headers, None)
+            .send(
+                &Method::GET,
+                &ask.target,
+                &headers,
+                None,
+                ask.interim.as_ref(),
+            )
             .await;
         let resp = match result {
             Ok(r) => r,
@@ -899,6 +915,8 @@ impl Edge {
             headers: ask.headers.clone(),
             cc: Directives::default(),
             coding: ask.coding,
+            // Its client has its answer already: nothing more may go to that connection.
+            interim: None,
         };
         tokio::spawn(async move {
             let _ = self.fetch_inner(&ask, Some(obj), &live, "stale").await;
@@ -911,7 +929,13 @@ impl Edge {
         let headers = upstream_headers(&ask.headers, &ask.host);
         match live
             .upstreams
-            .send(&ask.method, &ask.target, &headers, None)
+            .send(
+                &ask.method,
+                &ask.target,
+                &headers,
+                None,
+                ask.interim.as_ref(),
+            )
             .await
         {
             Ok(resp) => {
@@ -937,7 +961,13 @@ impl Edge {
         let body = incoming.map_err(Into::into).boxed();
         let resp = match live
             .upstreams
-            .send(&ask.method, &ask.target, &headers, Some(body))
+            .send(
+                &ask.method,
+                &ask.target,
+                &headers,
+                Some(body),
+                ask.interim.as_ref(),
+            )
             .await
         {
             Ok(r) => r,

@@ -23,6 +23,9 @@ use tokio::time::Sleep;
 use crate::balancer::health::{self, Active};
 use crate::config::edge::{EdgeConfig, EdgeHealth};
 use crate::http::body::{self, Body, BodyError};
+use crate::http::interim::InterimRelay;
+
+use super::policy::strip_hop_by_hop;
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -156,13 +159,16 @@ impl Upstreams {
     }
 
     /// Sends a request. Without a body it is retried once on another upstream when the
-    /// first fails before answering (safe: nothing reached the application).
+    /// first fails before answering (safe: nothing reached the application). 1xx interim
+    /// responses go to `interim` (never into the cache: only the final response is
+    /// returned).
     pub async fn send(
         &self,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
         body: Option<Body>,
+        interim: Option<&InterimRelay>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let retryable = body.is_none() && self.list.len() > 1;
         let mut body = body;
@@ -178,6 +184,16 @@ impl Upstreams {
             *req.method_mut() = method.clone();
             *req.uri_mut() = uri;
             *req.headers_mut() = headers.clone();
+            if let Some(relay) = interim {
+                let relay = relay.clone();
+                hyper::ext::on_informational(&mut req, move |res| {
+                    let mut headers = res.headers().clone();
+                    strip_hop_by_hop(&mut headers);
+                    if !relay.send(res.status(), &headers) {
+                        tracing::debug!(status = %res.status(), "interim response not relayed");
+                    }
+                });
+            }
             match tokio::time::timeout(self.timeout, self.client.request(req)).await {
                 Ok(Ok(resp)) => return Ok(resp),
                 Ok(Err(e)) => {

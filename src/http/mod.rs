@@ -6,5 +6,6 @@ pub mod auth;
 pub mod body;
 pub mod dashboard;
 pub mod date;
+pub mod interim;
 pub mod problem;
 pub mod server;

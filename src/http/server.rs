@@ -10,11 +10,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use super::body::Body;
+use super::interim;
 use crate::config::HttpLimits;
 
 /// A stop signal shared by every task of a node: flips to `true` once, on shutdown.
@@ -54,78 +55,28 @@ pub struct Handoff {
     pub read: Vec<u8>,
 }
 
-/// [`serve`], with plain-TCP connections going to `fast` first.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve_fast<F, S>(
-    name: &'static str,
-    listener: TcpListener,
-    limits: &HttpLimits,
-    tls: Option<Tls>,
-    fast: FastPath,
-    make_service: F,
-    shutdown: Shutdown,
-    grace: Duration,
-) -> usize
-where
-    F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    serve_with(
-        name,
-        listener,
-        limits,
-        tls,
-        Some(fast),
-        make_service,
-        shutdown,
-        grace,
-    )
-    .await
+/// How a listener treats its connections beyond plain hyper.
+pub enum ConnMode {
+    /// hyper serves every connection.
+    Plain,
+    /// Plain-TCP connections go to this handler first (the balancer's fast path).
+    FastPath(FastPath),
+    /// HTTP/1.1 requests carry an [`interim::InterimRelay`] through which the handler can send 1xx
+    /// interim responses from its upstream to the client (the edge).
+    RelayInterim,
 }
 
 /// Accepts connections until `shutdown`, serving each with a service made per connection
 /// from the peer address — after a TLS handshake (bounded by the header read timeout) when
 /// `tls` is set; then waits up to `grace` for in-flight requests to finish. Returns how
 /// many connections were still open when the grace period ran out.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<F, S>(
     name: &'static str,
     listener: TcpListener,
     limits: &HttpLimits,
     tls: Option<Tls>,
-    make_service: F,
-    shutdown: Shutdown,
-    grace: Duration,
-) -> usize
-where
-    F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    serve_with(
-        name,
-        listener,
-        limits,
-        tls,
-        None,
-        make_service,
-        shutdown,
-        grace,
-    )
-    .await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn serve_with<F, S>(
-    name: &'static str,
-    listener: TcpListener,
-    limits: &HttpLimits,
-    tls: Option<Tls>,
-    fast: Option<FastPath>,
+    mode: ConnMode,
     make_service: F,
     mut shutdown: Shutdown,
     grace: Duration,
@@ -179,7 +130,7 @@ where
         let acceptor = tls
             .as_ref()
             .map(|t| tokio_rustls::TlsAcceptor::from(t.load_full()));
-        if let (None, Some(fast)) = (&acceptor, &fast) {
+        if let (None, ConnMode::FastPath(fast)) = (&acceptor, &mode) {
             // The fast path serves the connection; hyper takes over what it hands back.
             let served = fast(stream, peer, shutdown.clone());
             let make = make_service(peer);
@@ -200,14 +151,11 @@ where
             continue;
         }
         let service = make_service(peer);
+        let relay = matches!(mode, ConnMode::RelayInterim);
         tokio::spawn(async move {
             let result =
                 match acceptor {
-                    None => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
-                    }
+                    None => serve_io(&builder, stream, service, relay, watcher).await,
                     Some(acceptor) => {
                         let tls_stream =
                             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
@@ -223,9 +171,7 @@ where
                                     return;
                                 }
                             };
-                        let conn = builder
-                            .serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
-                        watcher.watch(conn.into_owned()).await
+                        serve_io(&builder, tls_stream, service, relay, watcher).await
                     }
                 };
             if let Err(e) = result {
@@ -245,6 +191,34 @@ where
             tracing::warn!(listener = name, "drain deadline passed; closing remaining connections");
             open.max(1)
         }
+    }
+}
+
+/// Serves one connection with hyper, wrapped for interim relays when `relay` is set.
+async fn serve_io<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    relay: bool,
+    watcher: Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    if relay {
+        let (io, relay) = interim::wrap(io);
+        let conn = builder.serve_connection_with_upgrades(
+            TokioIo::new(io),
+            interim::WithRelay::new(service, relay),
+        );
+        watcher.watch(conn.into_owned()).await
+    } else {
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        watcher.watch(conn.into_owned()).await
     }
 }
 
