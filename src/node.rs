@@ -307,13 +307,15 @@ pub async fn run(source: Source) -> Result<(), NodeError> {
             let served = app.clone();
             let limits = app_cfg.http.clone();
             let stop = stop_rx.clone();
+            // Plain HTTP/1.1 record reads take the app's fast path; the rest hyper.
+            let fast = app.fast_path(&limits);
             tasks.spawn(async move {
                 server::serve(
                     "app",
                     listener,
                     &limits,
                     None,
-                    server::ConnMode::Plain,
+                    server::ConnMode::FastPath(fast),
                     move |peer| {
                         let app = served.clone();
                         hyper::service::service_fn(move |req| app.clone().handle(req, peer))

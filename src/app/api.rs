@@ -2,10 +2,11 @@
 //! conditional-request rules that map onto storage preconditions.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -318,17 +319,39 @@ pub fn read_consistency(headers: &HeaderMap, query: Option<&str>) -> ReadConsist
     }
 }
 
-/// GET/HEAD of one record: from the app cache when it is on and may answer (see
-/// [`super::cache`]), else from storage. With the cache on, every answer (404 included)
-/// carries `Cache-Status`.
-pub async fn get_record(
+/// The request fields a record read looks at: the token ([`crate::http::auth::Tokens`]),
+/// consistency ([`read_consistency`]) and conditions ([`not_modified`]). The app's fast path
+/// copies only these from a request head, so a read that starts using another field must
+/// be listed here.
+pub static RECORD_READ_FIELDS: [HeaderName; 5] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    HeaderName::from_static(LSN_HEADER),
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+];
+
+/// What a record read found, decided once and rendered by the hyper path
+/// ([`RecordRead::into_response`]) or by the app's fast path.
+pub struct RecordRead {
+    /// The record, if it exists.
+    pub found: Option<Arc<CachedRecord>>,
+    /// The request's validators match it: the answer is 304.
+    pub not_modified: bool,
+    /// `Cache-Status`, when the record cache is on.
+    pub cache_status: Option<HeaderValue>,
+    key: Key,
+}
+
+/// Reads one record for a GET/HEAD: from the app cache when it is on and may answer (see
+/// [`super::cache`]), else from storage.
+pub async fn read_record(
     data: &Data<'_>,
-    method: &Method,
     headers: &HeaderMap,
     query: Option<&str>,
     collection: &str,
     id: &str,
-) -> ApiResult {
+) -> Result<RecordRead, Box<Problem>> {
     let key = Key::new(collection, id).map_err(bad_key)?;
     let consistency = read_consistency(headers, query);
     let (found, cache_status) = match data.cache {
@@ -348,42 +371,82 @@ pub async fn get_record(
             None,
         ),
     };
-    let mut resp = match found {
-        Some(cached) => record_response(method, headers, &cached),
-        None => problem(StatusCode::NOT_FOUND, format!("no record {key}")).into_response(),
-    };
-    if let Some(status) = cache_status {
-        resp.headers_mut().insert(CACHE_STATUS, status);
-    }
-    Ok(resp)
+    let not_modified = found
+        .as_ref()
+        .is_some_and(|c| not_modified(headers, &c.record));
+    Ok(RecordRead {
+        found,
+        not_modified,
+        cache_status,
+        key,
+    })
 }
 
-/// The 200 (or 304) answer for a record read.
-fn record_response(method: &Method, headers: &HeaderMap, cached: &CachedRecord) -> Response<Body> {
-    let record = &cached.record;
-    if not_modified(headers, record) {
-        let mut resp = Response::new(body::empty());
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        let h = resp.headers_mut();
-        h.insert(header::ETAG, cached.etag.clone());
-        h.insert(header::LAST_MODIFIED, cached.last_modified.clone());
-        return resp;
+/// GET/HEAD of one record. With the cache on, every answer (404 included) carries
+/// `Cache-Status`.
+pub async fn get_record(
+    data: &Data<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    collection: &str,
+    id: &str,
+) -> ApiResult {
+    Ok(read_record(data, headers, query, collection, id)
+        .await?
+        .into_response(method))
+}
+
+impl RecordRead {
+    /// A found record, as [`read_record`] would return it (for tests of renderings).
+    #[cfg(test)]
+    pub(crate) fn found(cached: Arc<CachedRecord>, cache_status: Option<HeaderValue>) -> Self {
+        RecordRead {
+            found: Some(cached),
+            not_modified: false,
+            cache_status,
+            key: Key::new("c", "id").expect("a valid key"),
+        }
     }
-    let len = record.body.len();
-    let mut resp = Response::new(if method == Method::HEAD {
-        body::empty()
-    } else {
-        body::full(record.body.clone())
-    });
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::ETAG, cached.etag.clone());
-    h.insert(header::LAST_MODIFIED, cached.last_modified.clone());
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    resp
+
+    /// The 200, 304 or 404 answer.
+    pub fn into_response(self, method: &Method) -> Response<Body> {
+        let mut resp = match &self.found {
+            Some(cached) if self.not_modified => {
+                let mut resp = Response::new(body::empty());
+                *resp.status_mut() = StatusCode::NOT_MODIFIED;
+                let h = resp.headers_mut();
+                h.insert(header::ETAG, cached.etag.clone());
+                h.insert(header::LAST_MODIFIED, cached.last_modified.clone());
+                resp
+            }
+            Some(cached) => {
+                let record = &cached.record;
+                let mut resp = Response::new(if method == Method::HEAD {
+                    body::empty()
+                } else {
+                    body::full(record.body.clone())
+                });
+                // The same fields, in the same order, as `CachedRecord::head`.
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                h.insert(header::ETAG, cached.etag.clone());
+                h.insert(header::LAST_MODIFIED, cached.last_modified.clone());
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(record.body.len()));
+                resp
+            }
+            None => {
+                problem(StatusCode::NOT_FOUND, format!("no record {}", self.key)).into_response()
+            }
+        };
+        if let Some(status) = self.cache_status {
+            resp.headers_mut().insert(CACHE_STATUS, status);
+        }
+        resp
+    }
 }
 
 /// The response to a write of one record.

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod fast;
 pub mod feed;
 pub mod router;
 pub mod static_files;
@@ -144,13 +145,49 @@ impl App {
                 http::HeaderValue::from_static("close"),
             );
         }
-        let status = resp.status().as_u16();
+        self.account(
+            route,
+            &method,
+            log_path.as_deref(),
+            resp.status().as_u16(),
+            started,
+            peer,
+        );
+        Ok(resp)
+    }
+
+    /// Counts a served request and logs it when given its path (the access log is on).
+    fn account(
+        &self,
+        route: &'static str,
+        method: &Method,
+        log_path: Option<&str>,
+        status: u16,
+        started: Instant,
+        peer: SocketAddr,
+    ) {
         let elapsed = started.elapsed();
         self.metrics.observe_request("app", route, status, elapsed);
         if let Some(path) = log_path {
             tracing::info!(target: "access", %peer, %method, path, status, micros = elapsed.as_micros() as u64);
         }
-        Ok(resp)
+    }
+
+    /// A record read for the fast path ([`fast`]): authenticated and decided by the same
+    /// code as on the hyper path.
+    async fn read_record(
+        &self,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+        collection: &str,
+        id: &str,
+    ) -> Result<api::RecordRead, Box<Problem>> {
+        self.tokens.load().check(headers, Scope::Read)?;
+        let data = api::Data {
+            store: &self.store,
+            cache: self.cache.as_deref(),
+        };
+        api::read_record(&data, headers, query, collection, id).await
     }
 
     async fn dispatch(

@@ -9,28 +9,24 @@
 //! so far. The policy is the general path's: same picks, health accounting, retry rules and
 //! budget, timeouts, metrics, access log and problem+json answers.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{health, no_backend, problem_for, Balancer, StatusLabel, MAX_ATTEMPTS};
 use crate::config::HttpLimits;
+use crate::http::fastio::{bufs, timed, timed_at, READ_CHUNK};
 use crate::http::problem::Problem;
 use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
 use crate::proxy::client::RawConn;
 use crate::proxy::h1::{self, ChunkedEnd, Framing, RequestInfo, RequestPrep, ResponsePrep};
 use crate::proxy::headers::{self, Forwarding};
 use crate::proxy::{FailureKind, ProxyError};
-
-/// Bytes asked of the kernel per read.
-const READ_CHUNK: usize = 16 << 10;
 
 impl Balancer {
     /// The fast path for this balancer's plain-HTTP listener with `limits`.
@@ -464,24 +460,6 @@ async fn write_all(client: &mut TcpStream, buf: &[u8], idle: Duration) -> bool {
     matches!(timed(idle, client.write_all(buf)).await, Some(Ok(())))
 }
 
-/// Runs `fut` with a time limit, touching the timer only when it does not finish at once.
-async fn timed<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    if let Some(out) = (&mut fut).now_or_never() {
-        return Some(out);
-    }
-    tokio::time::timeout(limit, fut).await.ok()
-}
-
-/// [`timed`] with a deadline.
-async fn timed_at<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    if let Some(out) = (&mut fut).now_or_never() {
-        return Some(out);
-    }
-    tokio::time::timeout_at(deadline, fut).await.ok()
-}
-
 /// The buffers one exchange works in.
 struct Bufs {
     /// The upstream request (head and body).
@@ -505,41 +483,5 @@ impl Bufs {
         bufs::give(std::mem::take(&mut self.up_req));
         bufs::give(std::mem::take(&mut self.up_resp));
         bufs::give(std::mem::take(&mut self.down));
-    }
-}
-
-/// A per-thread stock of buffers, so exchanges neither allocate nor keep buffers while
-/// their connection idles.
-mod bufs {
-    use std::cell::RefCell;
-
-    /// Buffers kept per thread.
-    const KEEP: usize = 64;
-    /// Larger buffers are freed instead of kept.
-    const MAX_KEPT: usize = 64 << 10;
-
-    thread_local! {
-        static STOCK: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// An empty buffer.
-    pub(super) fn take() -> Vec<u8> {
-        STOCK
-            .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| Vec::with_capacity(super::READ_CHUNK))
-    }
-
-    /// Gives a buffer back.
-    pub(super) fn give(mut b: Vec<u8>) {
-        if b.capacity() == 0 || b.capacity() > MAX_KEPT {
-            return;
-        }
-        b.clear();
-        STOCK.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(b);
-            }
-        });
     }
 }

@@ -47,10 +47,7 @@ pub fn encode(status: StatusCode, headers: &HeaderMap) -> Option<Vec<u8>> {
     out.extend_from_slice(status.canonical_reason().unwrap_or("Interim").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        super::fastio::push_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     Some(out)

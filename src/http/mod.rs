@@ -6,6 +6,7 @@ pub mod auth;
 pub mod body;
 pub mod dashboard;
 pub mod date;
+pub mod fastio;
 pub mod interim;
 pub mod problem;
 pub mod server;

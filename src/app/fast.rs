@@ -1,0 +1,539 @@
+//! The app's HTTP/1.1 fast path for record reads: `GET`/`HEAD /api/v1/{collection}/{id}`
+//! from plain-HTTP/1.1 clients is parsed, answered and written here, without hyper's server
+//! machinery — the same work a cache hit otherwise spends a third of its time on.
+//!
+//! Only the request *framing* is ours. The answer comes from the same code as on the hyper
+//! path ([`App::read_record`]: token check, record cache, storage, conditional requests),
+//! and it is counted and logged the same way. Anything this path does not take (other
+//! methods and routes, request bodies, `Expect`, `Upgrade`, unusual `Connection` tokens,
+//! HTTP/1.0, targets with bytes outside RFC 3986, malformed or oversized heads, h2c) hands
+//! the connection to hyper for the rest of its life, with the bytes read so far: hyper then
+//! answers exactly as it always did.
+//!
+//! [`parse_read`] and [`encode_response`] are pure; the connection loop is the I/O edge.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::api::{RecordRead, RECORD_READ_FIELDS};
+use super::cache::CachedRecord;
+use super::router::{self, Endpoint};
+use super::App;
+use crate::config::HttpLimits;
+use crate::http::fastio::{bufs, push_field, timed};
+use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
+
+/// Most header fields a fast-path request may have; more go to hyper.
+const MAX_FIELDS: usize = 32;
+
+/// A record read this path answers, located in the input buffer.
+#[derive(Debug)]
+pub struct ReadHead {
+    /// GET or HEAD.
+    pub method: Method,
+    /// The path, within the input.
+    pub path: Range<usize>,
+    /// The record's collection and id (path segments), within the input.
+    pub collection: Range<usize>,
+    /// See `collection`.
+    pub id: Range<usize>,
+    /// The query (after `?`), within the input.
+    pub query: Option<Range<usize>>,
+    /// The request's fields a record read looks at ([`RECORD_READ_FIELDS`]); the rest are
+    /// framing (checked here) or ignored, as the hyper path ignores them.
+    pub headers: HeaderMap,
+    /// Bytes of the head (the request has no body).
+    pub head_len: usize,
+    /// The client asked to close after this response.
+    pub close: bool,
+}
+
+/// What [`parse_read`] made of the input.
+// Lives on the stack for one request; boxing the large variant would allocate per request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Parsed {
+    /// A complete record read.
+    Read(ReadHead),
+    /// The head is not complete yet.
+    Partial,
+    /// Not for this path: hyper serves the connection from here on.
+    Fallback,
+}
+
+/// Parses the request head at the start of `input`.
+pub fn parse_read(input: &[u8]) -> Parsed {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut fields);
+    let head_len = match req.parse(input) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Fallback,
+    };
+    let method = match req.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Parsed::Fallback,
+    };
+    let (Some(1), Some(target)) = (req.version, req.path) else {
+        return Parsed::Fallback;
+    };
+    if !target.bytes().all(uri_byte) {
+        return Parsed::Fallback;
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let Endpoint::Record { collection, id } = router::route(path) else {
+        return Parsed::Fallback;
+    };
+    let mut close = false;
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for f in req.headers.iter() {
+        let name = f.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if f.value.trim_ascii() != b"0" {
+                return Parsed::Fallback;
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parsed::Fallback;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in f.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Parsed::Fallback;
+                }
+            }
+        }
+        let Some(field) = RECORD_READ_FIELDS
+            .iter()
+            .find(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+        else {
+            continue;
+        };
+        let Ok(value) = HeaderValue::from_bytes(f.value) else {
+            return Parsed::Fallback;
+        };
+        headers.append(field.clone(), value);
+    }
+    // Path, collection and id are subslices of `input`: their addresses give the offsets.
+    let at = |s: &str| {
+        let start = s.as_ptr() as usize - input.as_ptr() as usize;
+        start..start + s.len()
+    };
+    let start = at(target).start;
+    Parsed::Read(ReadHead {
+        method,
+        path: at(path),
+        collection: at(collection),
+        id: at(id),
+        query: query.map(|q| {
+            let at = start + path.len() + 1;
+            at..at + q.len()
+        }),
+        headers,
+        head_len,
+        close,
+    })
+}
+
+/// Bytes of an origin-form target this path takes (RFC 3986 pchar, `/`, `?`); hyper judges
+/// anything else.
+fn uri_byte(b: u8) -> bool {
+    const TABLE: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let b = i as u8;
+            t[i] = b.is_ascii_alphanumeric();
+            i += 1;
+        }
+        let extra = b"-._~!$&'()*+,;=:@/?%";
+        let mut j = 0;
+        while j < extra.len() {
+            t[extra[j] as usize] = true;
+            j += 1;
+        }
+        t
+    };
+    TABLE[b as usize]
+}
+
+/// Writes the 200 answer to a record read straight from the cached record's pre-made
+/// fields: the same bytes [`encode_response`] makes of the hyper path's response.
+pub fn encode_hit(
+    cached: &CachedRecord,
+    cache_status: Option<&HeaderValue>,
+    head_only: bool,
+    close: bool,
+    date: &[u8; 29],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    out.extend_from_slice(&cached.head);
+    if let Some(v) = cache_status {
+        push_field(out, b"cache-status", v.as_bytes());
+    }
+    end_head(out, date, close);
+    if !head_only {
+        out.extend_from_slice(&cached.record.body);
+    }
+}
+
+/// Writes a response: status line, the response's fields, `Date`, a `Content-Length`
+/// unless the status forbids one or the handler set it (a HEAD answer keeps its GET length),
+/// `Connection: close` when closing, and the body unless `head_only`.
+pub fn encode_response(
+    parts: &http::response::Parts,
+    body: &[u8],
+    head_only: bool,
+    close: bool,
+    date: &[u8; 29],
+    out: &mut Vec<u8>,
+) {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let bodiless = status == StatusCode::NOT_MODIFIED || status == StatusCode::NO_CONTENT;
+    if !bodiless && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        let mut digits = itoa::Buffer::new();
+        push_field(out, b"content-length", digits.format(body.len()).as_bytes());
+    }
+    end_head(out, date, close);
+    if !head_only && !bodiless {
+        out.extend_from_slice(body);
+    }
+}
+
+/// Appends `Date`, `Connection: close` when closing, and the blank line.
+fn end_head(out: &mut Vec<u8>, date: &[u8; 29], close: bool) {
+    push_field(out, b"date", date);
+    if close {
+        push_field(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `Date` value for now, formatted once per second per thread.
+fn date_now() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let (at, text) = last.get();
+        if at == secs {
+            return text;
+        }
+        let text = crate::http::date::imf_fixdate(secs);
+        last.set((secs, text));
+        text
+    })
+}
+
+impl App {
+    /// The fast path for this app's plain-HTTP listener with `limits`.
+    pub fn fast_path(self: &Arc<Self>, limits: &HttpLimits) -> FastPath {
+        let app = self.clone();
+        let head_timeout = limits.header_read_timeout.get();
+        let max_head = limits.max_header_bytes.as_usize().max(8192);
+        Arc::new(move |stream, peer, shutdown| {
+            Box::pin(
+                app.clone()
+                    .serve_conn(stream, peer, shutdown, head_timeout, max_head),
+            )
+        })
+    }
+
+    async fn serve_conn(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        mut shutdown: Shutdown,
+        head_timeout: Duration,
+        max_head: usize,
+    ) -> Option<Handoff> {
+        // Buffers are taken per request and given back while the connection idles.
+        let mut input: Vec<u8> = Vec::new();
+        loop {
+            if *shutdown.borrow() {
+                return None;
+            }
+            // The head must be complete by the deadline; an idle connection gets as long.
+            let deadline = Instant::now() + head_timeout;
+            let head = loop {
+                if !input.is_empty() {
+                    match parse_read(&input) {
+                        Parsed::Read(head) => break head,
+                        Parsed::Partial if input.len() < max_head => {}
+                        Parsed::Partial | Parsed::Fallback => {
+                            return Some(Handoff {
+                                stream: client,
+                                read: input,
+                            })
+                        }
+                    }
+                }
+                // Read what is there; wait only when nothing is.
+                if input.capacity() == 0 {
+                    input = bufs::take();
+                }
+                input.reserve(1024);
+                match client.try_read_buf(&mut input) {
+                    Ok(0) => return None,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return None,
+                }
+                if input.is_empty() {
+                    bufs::give(std::mem::take(&mut input));
+                }
+                let ready = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, client.readable()) => r,
+                    _ = wait_for(&mut shutdown) => return None,
+                };
+                if !matches!(ready, Ok(Ok(()))) {
+                    // Broken, or too slow with its head (slowloris): drop it.
+                    return None;
+                }
+            };
+            let mut out = bufs::take();
+            let written = self.answer(&input, &head, peer, &mut out).await;
+            let sent = written
+                && matches!(
+                    timed(head_timeout, client.write_all(&out)).await,
+                    Some(Ok(()))
+                );
+            bufs::give(out);
+            if !sent || head.close {
+                return None;
+            }
+            input.drain(..head.head_len);
+            if input.is_empty() {
+                bufs::give(std::mem::take(&mut input));
+            }
+        }
+    }
+
+    /// Answers one read into `out`; false when the response could not be produced (its
+    /// body failed), so the connection must close.
+    async fn answer(
+        &self,
+        input: &[u8],
+        head: &ReadHead,
+        peer: SocketAddr,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let text = |r: &Range<usize>| std::str::from_utf8(&input[r.clone()]).unwrap_or("");
+        let started = std::time::Instant::now();
+        let read = self
+            .read_record(
+                &head.headers,
+                head.query.as_ref().map(text),
+                text(&head.collection),
+                text(&head.id),
+            )
+            .await;
+        let head_only = head.method == Method::HEAD;
+        let status = match read {
+            Ok(RecordRead {
+                found: Some(cached),
+                not_modified: false,
+                cache_status,
+                ..
+            }) => {
+                let date = date_now();
+                encode_hit(
+                    &cached,
+                    cache_status.as_ref(),
+                    head_only,
+                    head.close,
+                    &date,
+                    out,
+                );
+                200
+            }
+            other => {
+                let resp = match other {
+                    Ok(read) => read.into_response(&head.method),
+                    Err(problem) => problem.into_response(),
+                };
+                let (parts, body) = resp.into_parts();
+                let body: Bytes = match body.collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => return false,
+                };
+                encode_response(&parts, &body, head_only, head.close, &date_now(), out);
+                parts.status.as_u16()
+            }
+        };
+        let log_path = self.settings.load().access_log.then(|| text(&head.path));
+        self.account("record", &head.method, log_path, status, started, peer);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(input: &[u8]) -> ReadHead {
+        match parse_read(input) {
+            Parsed::Read(h) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn takes_plain_record_reads() {
+        let input =
+            b"GET /api/v1/users/42?consistency=strong HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"7\"\r\n\r\nGET";
+        let h = read(input);
+        assert_eq!(h.method, Method::GET);
+        assert_eq!(&input[h.path.clone()], b"/api/v1/users/42");
+        assert_eq!(&input[h.query.clone().unwrap()], b"consistency=strong");
+        assert_eq!(h.headers["if-none-match"], "\"7\"");
+        assert_eq!(h.head_len, input.len() - 3);
+        assert!(!h.close);
+        let h = read(b"HEAD /api/v1/c/id HTTP/1.1\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.method, Method::HEAD);
+        assert!(h.close);
+        assert!(h.query.is_none());
+    }
+
+    #[test]
+    fn leaves_everything_else_to_hyper() {
+        for input in [
+            &b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"[..],
+            b"GET /api/v1/c HTTP/1.1\r\n\r\n",
+            b"GET /index.html HTTP/1.1\r\n\r\n",
+            b"GET /api/v1/c/id HTTP/1.0\r\n\r\n",
+            b"GET /api/v1/c/id HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            b"GET /api/v1/c/id HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /api/v1/c/id HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET /api/v1/c/id HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"GET /api/v1/c/{id} HTTP/1.1\r\n\r\n",
+            b"GET /api/v1/c/\"x HTTP/1.1\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET /api/v1/c/id HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            b"\x16\x03\x01garbage",
+        ] {
+            assert!(
+                matches!(parse_read(input), Parsed::Fallback),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert!(matches!(
+            parse_read(b"GET /api/v1/c/id HTTP/1.1\r\nHost: a"),
+            Parsed::Partial
+        ));
+    }
+
+    #[test]
+    fn too_many_fields_go_to_hyper() {
+        let mut input = b"GET /api/v1/c/id HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_FIELDS {
+            input.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        input.extend_from_slice(b"\r\n");
+        assert!(matches!(parse_read(&input), Parsed::Fallback));
+    }
+
+    fn parts(status: StatusCode, fields: &[(&str, &str)]) -> http::response::Parts {
+        let mut b = http::Response::builder().status(status);
+        for (k, v) in fields {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn encodes_responses_like_a_server_must() {
+        let date = *b"Sat, 28 Nov 2026 17:00:00 GMT";
+        let mut out = Vec::new();
+        let p = parts(
+            StatusCode::OK,
+            &[("etag", "\"3\""), ("content-length", "2")],
+        );
+        encode_response(&p, b"{}", false, false, &date, &mut out);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\netag: \"3\"\r\ncontent-length: 2\r\ndate: Sat, 28 Nov 2026 17:00:00 GMT\r\n\r\n{}"
+        );
+        // HEAD keeps the length of the GET, sends no body; a problem gets its length added.
+        out.clear();
+        let p = parts(
+            StatusCode::NOT_FOUND,
+            &[("content-type", "application/problem+json")],
+        );
+        encode_response(&p, b"{\"x\":1}", true, true, &date, &mut out);
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"), "{text}");
+        assert!(text.contains("content-length: 7\r\n"), "{text}");
+        assert!(text.ends_with("connection: close\r\n\r\n"), "{text}");
+        // 304: neither a length nor a body.
+        out.clear();
+        let p = parts(StatusCode::NOT_MODIFIED, &[("etag", "\"3\"")]);
+        encode_response(&p, b"", false, false, &date, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("content-length"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_hit_is_written_as_the_hyper_path_would_answer() {
+        let cached = CachedRecord::new(crate::storage::Record {
+            body: Bytes::from_static(b"{\"v\":1}"),
+            lsn: 17,
+            created_ms: 1_700_000_000_000,
+            updated_ms: 1_700_000_123_456,
+        });
+        let date = *b"Sat, 28 Nov 2026 17:00:00 GMT";
+        for (status, method, close) in [
+            (
+                Some(HeaderValue::from_static("strata; hit")),
+                Method::GET,
+                false,
+            ),
+            (None, Method::HEAD, true),
+        ] {
+            let head_only = method == Method::HEAD;
+            let mut fast = Vec::new();
+            encode_hit(&cached, status.as_ref(), head_only, close, &date, &mut fast);
+            let resp = RecordRead::found(cached.clone(), status).into_response(&method);
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            let mut general = Vec::new();
+            encode_response(&parts, &body, head_only, close, &date, &mut general);
+            assert_eq!(
+                String::from_utf8_lossy(&fast),
+                String::from_utf8_lossy(&general)
+            );
+        }
+    }
+}
