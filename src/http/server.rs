@@ -181,12 +181,18 @@ where
         });
     }
     drop(listener);
-    let open = graceful.count();
+    // Every connection holds a slot until it is done, hyper's and the fast path's alike
+    // (the fast path finishes its request in flight, then sees the shutdown).
+    let open = limits.max_connections - slots.available_permits();
     if open > 0 {
         tracing::info!(listener = name, open, "draining connections");
     }
+    let every_slot = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = graceful.shutdown() => 0,
+        _ = async {
+            graceful.shutdown().await;
+            let _ = slots.acquire_many(every_slot).await;
+        } => 0,
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(listener = name, "drain deadline passed; closing remaining connections");
             open.max(1)
