@@ -34,7 +34,7 @@ pub async fn wait_for(shutdown: &mut Shutdown) {
 /// without a restart and every new connection takes the current one.
 pub type Tls = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
 
-/// A handler that serves plain-TCP connections itself (the balancer's HTTP/1.1 fast path)
+/// A handler that serves plain-TCP connections itself (an HTTP/1.1 fast path: balancer, app)
 /// until it meets something it leaves to hyper: then it returns the connection with the
 /// bytes it already read, and hyper serves the rest of it. `None`: the connection is done.
 pub type FastPath = Arc<
@@ -59,7 +59,8 @@ pub struct Handoff {
 pub enum ConnMode {
     /// hyper serves every connection.
     Plain,
-    /// Plain-TCP connections go to this handler first (the balancer's fast path).
+    /// Plain-TCP connections go to this handler first (the balancer's and the app's fast
+    /// paths).
     FastPath(FastPath),
     /// HTTP/1.1 requests carry an [`interim::InterimRelay`] through which the handler can send 1xx
     /// interim responses from its upstream to the client (the edge).
