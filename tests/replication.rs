@@ -150,6 +150,16 @@ impl Peer {
     }
 }
 
+/// The text of a node's `/metrics` (admin listener), over plain HTTP/1.0.
+fn scrape_metrics(admin: SocketAddr) -> String {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn status(addr: SocketAddr) -> Option<WireReplStatus> {
     Peer::connect(addr).ok()?.repl()
 }
@@ -1079,6 +1089,26 @@ fn bench_replication() {
         (target - moved_lsn) as f64 / streaming.as_secs_f64().max(1e-9),
         moved_lsn - before,
         moved_at - started
+    );
+    // Where the replica's time went: how many applies (one flush + fsync each) it made
+    // and how long those flushes took in all.
+    let metrics = scrape_metrics(replica.admin);
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN)
+    };
+    eprintln!(
+        "BENCH catch-up: the replica made {} flushes (applies) taking {:.3}s in all",
+        metric("strata_storage_flush_seconds_count"),
+        metric("strata_storage_flush_seconds_sum"),
     );
     drop(replica);
 
