@@ -252,7 +252,7 @@ fn record_headers(resp: &mut Response<Body>, record: &Record) {
 }
 
 /// `"<lsn>"` as a header value, without going through `fmt` (every record read sends one).
-fn etag_header(lsn: u64) -> HeaderValue {
+pub(crate) fn etag_header(lsn: u64) -> HeaderValue {
     let mut digits = itoa::Buffer::new();
     let digits = digits.format(lsn).as_bytes();
     let mut buf = [b'"'; 22];

@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -48,13 +48,9 @@ pub struct CachedRecord {
 impl CachedRecord {
     /// Prepares a record for serving (and caching).
     pub fn new(record: Record) -> Arc<Self> {
-        // `"<digits>"` is always a valid header value.
-        let etag = HeaderValue::from_str(&record.etag())
-            .unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
-        let modified =
-            httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_millis(record.updated_ms));
-        let last_modified = HeaderValue::from_str(&modified)
-            .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+        // Without `fmt`: without the cache, every read from storage comes through here.
+        let etag = super::api::etag_header(record.lsn);
+        let last_modified = crate::http::date::http_date_header(record.updated_ms / 1000);
         let mut head = Vec::with_capacity(128);
         for (name, value) in [
             (&b"content-type"[..], &b"application/json"[..]),

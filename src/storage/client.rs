@@ -320,9 +320,7 @@ impl RemoteStore {
         key: &Key,
         consistency: ReadConsistency,
     ) -> Result<Option<Record>, StoreError> {
-        let request = Request::Get {
-            key: key.to_string(),
-        };
+        let request = Request::Get { key: key.joined() };
         match self.routed(request, consistency).await? {
             Response::Record(r) => Ok(r.map(wire::record_from_wire)),
             other => Err(unexpected(other)),
@@ -336,9 +334,7 @@ impl RemoteStore {
         key: &Key,
         consistency: ReadConsistency,
     ) -> Result<(Option<Record>, u64), StoreError> {
-        let request = Request::GetAt {
-            key: key.to_string(),
-        };
+        let request = Request::GetAt { key: key.joined() };
         match self.routed(request, consistency).await? {
             Response::RecordAt { record, read_lsn } => {
                 Ok((record.map(wire::record_from_wire), read_lsn))
@@ -477,9 +473,7 @@ impl RemoteStore {
 
     /// Reads one record.
     pub async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
-        let request = Request::Get {
-            key: key.to_string(),
-        };
+        let request = Request::Get { key: key.joined() };
         match self.shared.request(request, true).await? {
             Response::Record(r) => Ok(r.map(wire::record_from_wire)),
             other => Err(unexpected(other)),

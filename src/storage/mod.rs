@@ -95,6 +95,16 @@ impl Key {
         check_part("collection", collection, MAX_COLLECTION_LEN)
     }
 
+    /// `collection/id`, as [`Display`](std::fmt::Display) writes it and [`Key::parse`]
+    /// reads it, without `fmt`: the storage client sends one per request.
+    pub fn joined(&self) -> String {
+        let mut s = String::with_capacity(self.collection.len() + 1 + self.id.len());
+        s.push_str(&self.collection);
+        s.push('/');
+        s.push_str(&self.id);
+        s
+    }
+
     /// Parses the stored `collection/id` form.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         match s.split_once('/') {
@@ -218,4 +228,16 @@ pub struct ListQuery {
     pub after: Option<String>,
     /// At most this many items.
     pub limit: usize,
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::Key;
+
+    #[test]
+    fn joined_is_display_and_parses_back() {
+        let k = Key::new("users", "alice.b-c~1").unwrap();
+        assert_eq!(k.joined(), k.to_string());
+        assert_eq!(Key::parse(&k.joined()).unwrap(), k);
+    }
 }
