@@ -1076,3 +1076,80 @@ async fn access_log_and_request_ids() {
     }
     assert!(node.logs().contains("/api/v1/who/me"));
 }
+
+/// A backend that answers `/hint` with a 103 Early Hints, then waits for `go` before the
+/// final 200; any other path gets a 200 at once (health probes).
+async fn early_hints_backend(go: Arc<tokio::sync::Notify>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let go = go.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 2048];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let hinted = buf.starts_with(b"GET /hint ");
+                        buf.drain(..end + 4);
+                        if hinted {
+                            let hint =
+                                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n";
+                            if s.write_all(hint).await.is_err() {
+                                return;
+                            }
+                            go.notified().await;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_hints_are_relayed_as_they_arrive() {
+    use std::io::{Read, Write};
+    let go = Arc::new(tokio::sync::Notify::new());
+    let backend = early_hints_backend(go.clone()).await;
+    let lb = Lb::start(&[(backend, 1)], "").await;
+    let addr = lb.addr;
+    let read_until = |s: &mut std::net::TcpStream, buf: &mut Vec<u8>, needle: &[u8]| {
+        while !buf.windows(needle.len()).any(|w| w == needle) {
+            let mut chunk = [0u8; 2048];
+            let n = s.read(&mut chunk).expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(buf));
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /hint HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    // The hint arrives while the backend still holds the final response back.
+    read_until(&mut s, &mut buf, b"\r\n\r\n");
+    let hint = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(hint.starts_with("http/1.1 103 early hints\r\n"), "{hint}");
+    assert!(hint.contains("link: </a.css>; rel=preload"), "{hint}");
+    go.notify_one();
+    read_until(&mut s, &mut buf, b"final");
+    let all = String::from_utf8_lossy(&buf).into_owned();
+    assert!(all.contains("HTTP/1.1 200 OK"), "{all}");
+    // The connection carries on.
+    buf.clear();
+    s.write_all(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    read_until(&mut s, &mut buf, b"final");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+}
