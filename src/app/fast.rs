@@ -15,7 +15,6 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -29,7 +28,7 @@ use super::cache::CachedRecord;
 use super::router::{self, Endpoint};
 use super::App;
 use crate::config::HttpLimits;
-use crate::http::fastio::{bufs, push_field, timed};
+use crate::http::fastio::{self, bufs, push_field, timed, HeadLimits};
 use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
 
 /// Most header fields a fast-path request may have; more go to hyper.
@@ -256,15 +255,7 @@ fn date_now() -> [u8; 29] {
 impl App {
     /// The fast path for this app's plain-HTTP listener with `limits`.
     pub fn fast_path(self: &Arc<Self>, limits: &HttpLimits) -> FastPath {
-        let app = self.clone();
-        let head_timeout = limits.header_read_timeout.get();
-        let max_head = limits.max_header_bytes.as_usize().max(8192);
-        Arc::new(move |stream, peer, shutdown| {
-            Box::pin(
-                app.clone()
-                    .serve_conn(stream, peer, shutdown, head_timeout, max_head),
-            )
-        })
+        fastio::fast_path(self, limits, Self::serve_conn)
     }
 
     async fn serve_conn(
@@ -272,9 +263,9 @@ impl App {
         mut client: TcpStream,
         peer: SocketAddr,
         mut shutdown: Shutdown,
-        head_timeout: Duration,
-        max_head: usize,
+        head: HeadLimits,
     ) -> Option<Handoff> {
+        let (head_timeout, max_head) = (head.timeout, head.max_bytes);
         // Buffers are taken per request and given back while the connection idles.
         let mut input: Vec<u8> = Vec::new();
         loop {

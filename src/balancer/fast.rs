@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::{health, no_backend, problem_for, Balancer, StatusLabel, MAX_ATTEMPTS};
 use crate::config::HttpLimits;
-use crate::http::fastio::{bufs, timed, timed_at, READ_CHUNK};
+use crate::http::fastio::{self, bufs, timed, timed_at, HeadLimits, READ_CHUNK};
 use crate::http::problem::Problem;
 use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
 use crate::proxy::client::RawConn;
@@ -31,15 +31,7 @@ use crate::proxy::{FailureKind, ProxyError};
 impl Balancer {
     /// The fast path for this balancer's plain-HTTP listener with `limits`.
     pub fn fast_path(self: &Arc<Self>, limits: &HttpLimits) -> FastPath {
-        let b = self.clone();
-        let head_timeout = limits.header_read_timeout.get();
-        let max_head = limits.max_header_bytes.as_usize().max(8192);
-        Arc::new(move |stream, peer, shutdown| {
-            Box::pin(
-                b.clone()
-                    .serve_conn(stream, peer, shutdown, head_timeout, max_head),
-            )
-        })
+        fastio::fast_path(self, limits, Self::serve_conn)
     }
 
     async fn serve_conn(
@@ -47,9 +39,9 @@ impl Balancer {
         mut client: TcpStream,
         peer: SocketAddr,
         mut shutdown: Shutdown,
-        head_timeout: Duration,
-        max_head: usize,
+        head: HeadLimits,
     ) -> Option<Handoff> {
+        let (head_timeout, max_head) = (head.timeout, head.max_bytes);
         let fwd = Forwarding::new(peer.ip(), "http");
         // Buffers are taken per request and given back while the connection idles, so an
         // idle connection holds none.

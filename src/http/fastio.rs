@@ -3,10 +3,43 @@
 //! future is ready at once.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use super::server::{FastPath, Handoff, Shutdown};
+use crate::config::HttpLimits;
+
+/// The listener limits a fast path enforces itself, as hyper does on the general path.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLimits {
+    /// Time for a whole request head (and for an idle connection to start one).
+    pub timeout: Duration,
+    /// Largest request head; a longer one goes to hyper, which refuses it.
+    pub max_bytes: usize,
+}
+
+/// Makes the [`FastPath`] that serves each plain-TCP connection of a listener with `limits`
+/// by `serve` on `target` (the balancer's and the app's connection loops).
+pub fn fast_path<T, F, Fut>(target: &Arc<T>, limits: &HttpLimits, serve: F) -> FastPath
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>, TcpStream, SocketAddr, Shutdown, HeadLimits) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Option<Handoff>> + Send + 'static,
+{
+    let target = target.clone();
+    let head = HeadLimits {
+        timeout: limits.header_read_timeout.get(),
+        max_bytes: limits.max_header_bytes.as_usize().max(8192),
+    };
+    Arc::new(move |stream, peer, shutdown| {
+        Box::pin(serve(target.clone(), stream, peer, shutdown, head))
+    })
+}
 
 /// Bytes asked of the kernel per read.
 pub const READ_CHUNK: usize = 16 << 10;
