@@ -765,33 +765,15 @@ impl Engine {
         from_lsn: u64,
         max_entries: usize,
     ) -> Result<Vec<LogEntry>, EngineError> {
-        let durable = self.shared.durable_lsn.load(Ordering::Acquire);
-        let from = from_lsn.max(1);
-        if from > durable || max_entries == 0 {
-            return Ok(vec![]);
-        }
-        let mut out = Vec::with_capacity(max_entries.min(1024));
-        for kv in self
-            .shared
-            .db
-            .range(log_key(from)..=log_key(durable))
-            .take(max_entries)
-        {
-            let (k, v) = kv.map_err(|e| sled_err("read log", e))?;
-            let lsn = decode_log_key(&k)?;
-            let entry = LogEntry::decode(&v).map_err(|e| match e {
-                EngineError::Corrupt(m) => EngineError::Corrupt(format!("lsn {lsn}: {m}")),
-                other => other,
-            })?;
-            if entry.lsn != lsn {
-                return Err(EngineError::Corrupt(format!(
-                    "log key {lsn} holds entry for lsn {}",
-                    entry.lsn
-                )));
-            }
-            out.push(entry);
-        }
-        Ok(out)
+        self.read_log_raw(from_lsn, max_entries)?
+            .into_iter()
+            .map(|(lsn, bytes)| {
+                LogEntry::decode(&bytes).map_err(|e| match e {
+                    EngineError::Corrupt(m) => EngineError::Corrupt(format!("lsn {lsn}: {m}")),
+                    other => other,
+                })
+            })
+            .collect()
     }
 
     /// LSN of the newest applied batch: every record read after this call reflects at
