@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::pool::Tried;
 use super::{health, no_backend, problem_for, Balancer, StatusLabel, MAX_ATTEMPTS};
 use crate::config::HttpLimits;
 use crate::http::fastio::{self, bufs, timed, timed_at, HeadLimits, READ_CHUNK};
@@ -136,7 +137,7 @@ impl Balancer {
         let replayable = attempts > 1 && headers::idempotent(&info.method) && info.body_len == 0;
         let head_request = info.method == http::Method::HEAD;
         let request_id = info.request_id.clone();
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        let mut tried = Tried::default();
         let mut last: Option<(ProxyError, SocketAddr)> = None;
         let mut status = 0u16;
         let mut keep = true;
@@ -146,12 +147,9 @@ impl Balancer {
                 self.budget_exhausted.inc();
                 break;
             }
-            let Some(i) = pool.pick(info.key, |i| {
-                pool.backends[i].health.available(now) && !tried.contains(&i)
-            }) else {
+            let Some(i) = pool.pick_untried(info.key, now, &mut tried) else {
                 break;
             };
-            tried[attempt] = i;
             let backend = &pool.backends[i];
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             backend.metrics.requests.inc();

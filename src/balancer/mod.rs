@@ -38,7 +38,7 @@ use crate::proxy::client::{SendFailure, Sender};
 use crate::proxy::headers::{self, Forwarding};
 use crate::proxy::{FailureKind, ProxyError};
 use health::{now_ms, HealthState};
-use pool::{Backend, BackendLabel, Families, Pool};
+use pool::{Backend, BackendLabel, Families, Pool, Tried};
 
 /// Why the balancer could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -411,7 +411,7 @@ impl Balancer {
             )
         });
         let mut req = Request::from_parts(parts, body);
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        let mut tried = Tried::default();
         let mut last: Option<(ProxyError, SocketAddr)> = None;
         let started = Instant::now();
         for attempt in 0..attempts {
@@ -420,12 +420,9 @@ impl Balancer {
                 self.budget_exhausted.inc();
                 break;
             }
-            let Some(i) = pool.pick(key, |i| {
-                pool.backends[i].health.available(now) && !tried.contains(&i)
-            }) else {
+            let Some(i) = pool.pick_untried(key, now, &mut tried) else {
                 break;
             };
-            tried[attempt] = i;
             let backend = &pool.backends[i];
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             backend.metrics.requests.inc();
@@ -546,16 +543,13 @@ impl Balancer {
         let started = Instant::now();
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         let now = now_ms();
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        let mut tried = Tried::default();
         let attempts = (pool.retry.attempts as usize).clamp(1, MAX_ATTEMPTS);
         let mut last = None;
-        for attempt in 0..attempts {
-            let Some(i) = pool.pick(key, |i| {
-                pool.backends[i].health.available(now) && !tried.contains(&i)
-            }) else {
+        for _ in 0..attempts {
+            let Some(i) = pool.pick_untried(key, now, &mut tried) else {
                 break;
             };
-            tried[attempt] = i;
             let backend = &pool.backends[i];
             backend.metrics.requests.inc();
             let mut sender = match backend.conns.connect(pool.upstream.connect_timeout).await {

@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use super::health::BackendHealth;
 use super::pick::{self, Weights};
 use super::retry::RetryBudget;
+use super::MAX_ATTEMPTS;
 use crate::config::balancer::{Algorithm, BalancerConfig, HashKey, HealthConfig, RetryConfig};
 use crate::proxy::client::{ConnPool, UpstreamSettings};
 
@@ -238,6 +239,19 @@ impl Pool {
         }
     }
 
+    /// Picks the backend for a request's next attempt: healthy at `now` and not yet in
+    /// `tried`, to which it is added. `None`: no backend is left to try.
+    pub fn pick_untried(&self, key: Option<u64>, now: u64, tried: &mut Tried) -> Option<usize> {
+        let i = self.pick(key, |i| {
+            self.backends[i].health.available(now) && !tried.0[..tried.1].contains(&i)
+        })?;
+        if tried.1 < tried.0.len() {
+            tried.0[tried.1] = i;
+            tried.1 += 1;
+        }
+        Some(i)
+    }
+
     /// Picks a backend for a request with hash `key` (when the policy hashes), among those
     /// for which `ok` holds.
     pub fn pick(&self, key: Option<u64>, ok: impl Fn(usize) -> bool) -> Option<usize> {
@@ -316,3 +330,7 @@ mod tests {
         );
     }
 }
+
+/// The backends one request has been sent to, so that a retry goes elsewhere.
+#[derive(Default)]
+pub struct Tried([usize; MAX_ATTEMPTS], usize);
