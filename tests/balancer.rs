@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::tls::{pem_der, tls_connect};
 use common::{client, raw, raw_status, Node};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -881,91 +882,6 @@ fn self_signed(
     out.status.success().then_some((cert, key))
 }
 
-/// Accepts any server certificate (the test checks which one it got instead).
-#[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &[rustls_pki_types::CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Connects with TLS: returns the stream, the certificate served, and the ALPN protocol.
-async fn tls_connect(
-    addr: SocketAddr,
-    server_name: &str,
-    alpn: &[&[u8]],
-) -> (
-    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    Vec<u8>,
-    Option<Vec<u8>>,
-) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
-    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
-    let (_, conn) = tls.get_ref();
-    let cert = conn.peer_certificates().unwrap()[0].as_ref().to_vec();
-    let proto = conn.alpn_protocol().map(<[u8]>::to_vec);
-    (tls, cert, proto)
-}
-
-fn pem_der(path: &Path) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_file(path)
-        .unwrap()
-        .as_ref()
-        .to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
     let certs = tempfile::tempdir().unwrap();
@@ -986,7 +902,7 @@ async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
     assert_eq!(lb.status().await["tls"], json!(true));
 
     // HTTP/2 by ALPN, default certificate.
-    let (stream, cert, proto) = tls_connect(lb.addr, "a.test", &[b"h2", b"http/1.1"]).await;
+    let (stream, cert, proto) = tls_connect(lb.addr, None, "a.test", &[b"h2", b"http/1.1"]).await;
     assert_eq!(proto.as_deref(), Some(&b"h2"[..]));
     assert_eq!(cert, pem_der(&a_cert));
     let (mut send, conn) = hyper::client::conn::http2::handshake(
@@ -1009,7 +925,7 @@ async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
     assert!(String::from_utf8_lossy(&body).contains("app1"));
 
     // HTTP/1.1 by ALPN, the SNI certificate.
-    let (stream, cert, proto) = tls_connect(lb.addr, "b.test", &[b"http/1.1"]).await;
+    let (stream, cert, proto) = tls_connect(lb.addr, None, "b.test", &[b"http/1.1"]).await;
     assert_eq!(proto.as_deref(), Some(&b"http/1.1"[..]));
     assert_eq!(cert, pem_der(&b_cert));
     let (mut send, conn) =
@@ -1029,7 +945,7 @@ async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
     std::fs::copy(&new_cert, &a_cert).unwrap();
     std::fs::copy(&new_key, &a_key).unwrap();
     lb.reconfigure(&[(app.addr, 1)], &tls).await;
-    let (_, cert, _) = tls_connect(lb.addr, "a.test", &[b"h2"]).await;
+    let (_, cert, _) = tls_connect(lb.addr, None, "a.test", &[b"h2"]).await;
     assert_eq!(cert, pem_der(&new_cert));
     assert_ne!(cert, pem_der(&b_cert));
 
@@ -1040,7 +956,7 @@ async fn tls_termination_with_sni_alpn_and_live_certificate_reload() {
         Duration::from_secs(3),
     );
     assert_eq!(raw_status(&r), None, "{r}");
-    let (_, cert, _) = tls_connect(lb.addr, "b.test", &[b"h2"]).await;
+    let (_, cert, _) = tls_connect(lb.addr, None, "b.test", &[b"h2"]).await;
     assert_eq!(cert, pem_der(&b_cert));
 }
 

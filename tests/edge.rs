@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::tls::{make_certs, pem_der, tls_connect};
 use common::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -771,69 +772,6 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     assert_eq!(origin.hits("/swr"), 2, "one background refresh");
 }
 
-/// A private CA and one leaf certificate per `(file, name)`, as PEM files in `dir`; returns
-/// the CA certificate (DER) to trust.
-fn make_certs(dir: &std::path::Path, leaves: &[(&str, &str)]) -> Vec<u8> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    for (file, name) in leaves {
-        let params = CertificateParams::new(vec![(*name).to_owned()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &ca).unwrap();
-        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
-    }
-    ca.der().to_vec()
-}
-
-fn pem_der(path: &std::path::Path) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_file(path)
-        .unwrap()
-        .as_ref()
-        .to_vec()
-}
-
-/// A verified TLS connection for `name`: the stream, the certificate served, the ALPN
-/// protocol agreed.
-async fn tls_connect(
-    addr: SocketAddr,
-    ca: &[u8],
-    name: &str,
-    alpn: &[&[u8]],
-) -> (
-    tokio_rustls::client::TlsStream<TcpStream>,
-    Vec<u8>,
-    Option<Vec<u8>>,
-) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(ca.to_vec()))
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let tls = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, tcp),
-    )
-    .await
-    .expect("handshake in time")
-    .expect("TLS handshake verifies against the CA");
-    let (_, conn) = tls.get_ref();
-    let cert = conn.peer_certificates().unwrap()[0].as_ref().to_vec();
-    let proto = conn.alpn_protocol().map(<[u8]>::to_vec);
-    (tls, cert, proto)
-}
-
 type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
 async fn h2_get(send: &mut H2Sender, uri: &str) -> (u16, String, String) {
@@ -869,7 +807,7 @@ async fn https_h2_and_sni_through_the_edge_with_live_certificate_reload() {
     let addr = node.listening["edge"];
 
     // HTTP/2 by ALPN, the default certificate; the second request is a cache hit.
-    let (stream, cert, proto) = tls_connect(addr, &ca, "a.test", &[b"h2", b"http/1.1"]).await;
+    let (stream, cert, proto) = tls_connect(addr, Some(&ca), "a.test", &[b"h2", b"http/1.1"]).await;
     assert_eq!(proto.as_deref(), Some(&b"h2"[..]));
     assert_eq!(cert, pem_der(&certs.path().join("a.pem")));
     let (mut h2, conn) = hyper::client::conn::http2::handshake(
@@ -886,7 +824,7 @@ async fn https_h2_and_sni_through_the_edge_with_live_certificate_reload() {
     assert_eq!((b.as_str(), cs2.as_str()), ("over tls", "strata; hit"));
 
     // SNI b.test gets b's certificate; HTTP/1.1 by ALPN shares the same cache entry.
-    let (stream, cert, proto) = tls_connect(addr, &ca, "b.test", &[b"http/1.1"]).await;
+    let (stream, cert, proto) = tls_connect(addr, Some(&ca), "b.test", &[b"http/1.1"]).await;
     assert_eq!(proto.as_deref(), Some(&b"http/1.1"[..]));
     assert_eq!(cert, pem_der(&certs.path().join("b.pem")));
     let (mut h1, conn) =
@@ -917,7 +855,7 @@ async fn https_h2_and_sni_through_the_edge_with_live_certificate_reload() {
         .await
         .unwrap();
     assert_eq!(report["applied"], true, "{report}");
-    let (_, cert, _) = tls_connect(addr, &ca, "a.test", &[b"h2"]).await;
+    let (_, cert, _) = tls_connect(addr, Some(&ca), "a.test", &[b"h2"]).await;
     assert_eq!(cert, pem_der(&certs.path().join("a2.pem")));
     let (s, _, _) = h2_get(&mut h2, "https://a.test/tls").await;
     assert_eq!(
@@ -938,7 +876,7 @@ async fn https_h2_and_sni_through_the_edge_with_live_certificate_reload() {
         .await
         .unwrap();
     assert_eq!(report["applied"], false, "{report}");
-    let (_, cert, _) = tls_connect(addr, &ca, "a.test", &[b"h2"]).await;
+    let (_, cert, _) = tls_connect(addr, Some(&ca), "a.test", &[b"h2"]).await;
     assert_eq!(cert, pem_der(&certs.path().join("a2.pem")));
 }
 

@@ -232,3 +232,4 @@ pub fn raw_status(response: &str) -> Option<u16> {
 }
 pub mod fault_proxy;
 pub mod suite;
+pub mod tls;
