@@ -10,6 +10,24 @@ async fn data_api_suite_embedded() {
     common::suite::all(&node.url(), 64 << 10).await;
 }
 
+/// `strata_app_fast_path_reads_total` from the node's metrics.
+async fn fast_reads(node: &Node) -> u64 {
+    let text = common::client()
+        .get(format!("{}/metrics", node.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("strata_app_fast_path_reads_total "))
+        .unwrap_or_else(|| panic!("no fast path counter in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Reads one HTTP/1.1 response (head and Content-Length body) from `s`; `head_only` for
 /// answers to HEAD. Returns the head without its `date` line, and the body.
 fn read_response(
@@ -108,6 +126,7 @@ async fn record_reads_answer_alike_on_the_fast_and_general_paths() {
     );
     assert!(missing.0.starts_with("HTTP/1.1 404"), "{}", missing.0);
     assert!(missing.1.contains("no record"), "{}", missing.1);
+    assert_eq!(fast_reads(&node).await, 5, "all five took the fast path");
 
     // A write on the same connection hands it to hyper; later reads are hyper's, and they
     // answer exactly as the fast path did.
@@ -137,6 +156,11 @@ async fn record_reads_answer_alike_on_the_fast_and_general_paths() {
         missing.0.replace("strata; fwd=miss; stored", "strata; hit")
     );
     assert_eq!(missing_again.1, missing.1);
+    assert_eq!(
+        fast_reads(&node).await,
+        5,
+        "hyper served the connection after the PUT"
+    );
 
     // Garbage after a fast-path read: hyper answers 400; the data is intact for others.
     let answer = common::raw(
@@ -146,6 +170,7 @@ async fn record_reads_answer_alike_on_the_fast_and_general_paths() {
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    assert_eq!(fast_reads(&node).await, 6);
     // `Connection: close` is honoured.
     let answer = common::raw(
         addr,

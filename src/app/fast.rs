@@ -382,6 +382,7 @@ impl App {
         };
         let log_path = self.settings.load().access_log.then(|| text(&head.path));
         self.account("record", &head.method, log_path, status, started, peer);
+        self.fast_reads.inc();
         true
     }
 }

@@ -19,6 +19,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 
 use crate::config::{AppConfig, Config, ConfigError, Scope};
 use crate::http::admin::{method_not_allowed, Component};
@@ -76,6 +77,8 @@ pub struct App {
     tokens: Arc<ArcSwap<Tokens>>,
     metrics: Arc<Metrics>,
     cache: Option<Arc<RecordCache>>,
+    /// Requests answered by the fast path ([`fast`]); the rest went through hyper.
+    fast_reads: Counter,
 }
 
 impl App {
@@ -92,6 +95,12 @@ impl App {
         if let Some(c) = &cache {
             c.register_metrics(&metrics);
         }
+        let fast_reads = Counter::default();
+        metrics.register(
+            "app_fast_path_reads",
+            "Record reads answered by the app's own HTTP/1.1 path rather than hyper's",
+            fast_reads.clone(),
+        );
         let (static_root, static_files) = match static_files {
             Some((root, files)) => (Some(root), Some(files)),
             None => (None, None),
@@ -104,6 +113,7 @@ impl App {
             tokens,
             metrics,
             cache,
+            fast_reads,
         })
     }
 
