@@ -3,17 +3,17 @@
 //! # Layout
 //!
 //! Everything lives in ONE sled tree (the database's default tree) under one-byte key
-//! prefixes, so that a client batch's record changes and its log entry go into a single
+//! prefixes, so that a group's record changes and its log entries go into a single
 //! `sled::Batch` and are atomic together:
 //!
 //! | key | value |
 //! |---|---|
 //! | `r` + `collection/id` | the record: `[format=1][lsn][created_ms][updated_ms]` (u64 LE) then the body |
-//! | `l` + LSN (u64 big-endian) | the log entry of one client batch ([`LogEntry::encode`]) |
+//! | `l` + LSN (u64 big-endian) | a chunk of log entries ending at that LSN ([`log_chunk`]), each one client batch ([`LogEntry::encode`]) |
 //! | `m` + name | metadata: `epoch`, `last_lsn` (u64 big-endian) |
 //!
-//! After a crash the records and the log therefore always agree: either a whole batch
-//! (records + log entry + `last_lsn`) survived or none of it did.
+//! After a crash the records and the log therefore always agree: either a whole group
+//! (records + log chunk + `last_lsn`) survived or none of it did.
 //!
 //! # Group commit
 //!
@@ -51,6 +51,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::{oneshot, watch};
 
+use super::log_chunk::{self, check_entry, seal, ChunkBuilder, ENTRY_FORMAT, ENTRY_HEADER};
 use super::replication::state::{EntryRefused, Follower, History};
 use super::{
     Committed, Key, ListPage, ListQuery, Precondition, Record, Write, WriteOp, WriteResult,
@@ -193,8 +194,8 @@ const META_HISTORY: &[u8] = b"mhistory";
 /// Present while a snapshot install is under way: the records are partial until it ends.
 const META_RESYNC: &[u8] = b"mresync";
 
-/// Log entries removed per truncation pass (one small batch after each group commit).
-const TRUNCATE_CHUNK: u64 = 4096;
+/// Log chunks removed per truncation pass (riding on each group commit's batch).
+const TRUNCATE_CHUNKS: usize = 256;
 
 /// State shared between the engine handle (readers) and the writer thread.
 struct Shared {
@@ -291,6 +292,10 @@ fn decode_log_key(k: &[u8]) -> Result<u64, EngineError> {
             .map_err(|_| EngineError::Corrupt(format!("log key of {} bytes", k.len()))),
         _ => Err(EngineError::Corrupt("log key without log prefix".into())),
     }
+}
+
+fn corrupt_log(lsn: u64, e: log_chunk::CorruptLog) -> EngineError {
+    EngineError::Corrupt(format!("log chunk ending at lsn {lsn}: {e}"))
 }
 
 fn decode_meta_u64(name: &str, v: &[u8]) -> Result<u64, EngineError> {
@@ -400,10 +405,6 @@ fn decode_record(value: sled::IVec, what: &str) -> Result<Record, EngineError> {
     })
 }
 
-const LOG_FORMAT: u8 = 1;
-/// Format byte + crc32; the checksummed payload follows.
-const LOG_HEADER: usize = 1 + 4;
-
 impl LogEntry {
     /// Serializes the entry as the engine stores it (and as it can be shipped to replicas):
     /// `[format=1][crc32 u32 LE of the rest][epoch][lsn][timestamp_ms][count u32]` then per
@@ -415,8 +416,16 @@ impl LogEntry {
             .iter()
             .map(|w| 3 + w.key.len() + w.value.as_ref().map_or(0, |r| 32 + r.body.len()))
             .sum();
-        let mut v = Vec::with_capacity(LOG_HEADER + 28 + size);
-        v.push(LOG_FORMAT);
+        let mut v = Vec::with_capacity(ENTRY_HEADER + 28 + size);
+        self.encode_into(&mut v);
+        v
+    }
+
+    /// [`LogEntry::encode`], appended to `out` (the writer encodes straight into a log
+    /// chunk).
+    pub fn encode_into(&self, v: &mut Vec<u8>) {
+        let start = v.len();
+        v.push(ENTRY_FORMAT);
         v.extend_from_slice(&[0; 4]);
         v.extend_from_slice(&self.epoch.to_le_bytes());
         v.extend_from_slice(&self.lsn.to_le_bytes());
@@ -441,26 +450,15 @@ impl LogEntry {
                 }
             }
         }
-        let crc = crc32fast::hash(&v[LOG_HEADER..]);
-        v[1..LOG_HEADER].copy_from_slice(&crc.to_le_bytes());
-        v
+        seal(&mut v[start..]);
     }
 
     /// Parses an entry produced by [`LogEntry::encode`], verifying its checksum and that
     /// every key is a valid `collection/id`; any mismatch is [`EngineError::Corrupt`].
     pub fn decode(bytes: &[u8]) -> Result<LogEntry, EngineError> {
         let mut r = Reader::new(bytes, "log entry");
-        let format = r.u8()?;
-        if format != LOG_FORMAT {
-            return Err(r.corrupt(format!("unknown log format {format}")));
-        }
-        let stored = r.u32()?;
-        let actual = crc32fast::hash(&bytes[LOG_HEADER..]);
-        if stored != actual {
-            return Err(r.corrupt(format!(
-                "checksum mismatch (stored {stored:08x}, computed {actual:08x})"
-            )));
-        }
+        check_entry(bytes).map_err(|e| r.corrupt(e))?;
+        r.take(ENTRY_HEADER)?;
         let epoch = r.u64()?;
         let lsn = r.u64()?;
         let timestamp_ms = r.u64()?;
@@ -582,27 +580,30 @@ impl Engine {
             Some(v) => decode_meta_u64("last_lsn", &v)?,
             None => 0,
         };
-        let mut log_keys = db.scan_prefix([LOG_PREFIX]).keys();
-        let first_log = log_keys
-            .next()
-            .transpose()
-            .map_err(|e| sled_err("scan log", e))?
-            .map(|k| decode_log_key(&k))
-            .transpose()?;
-        let newest_log = log_keys
-            .next_back()
-            .transpose()
-            .map_err(|e| sled_err("scan log", e))?
-            .map(|k| decode_log_key(&k))
-            .transpose()?;
-        let last_lsn = meta_last.max(newest_log.or(first_log).unwrap_or(0));
-        let first_log_lsn = first_log.unwrap_or(last_lsn + 1);
-
-        // Continue timestamps monotonically from the newest entry when the clock went back.
-        let last_ts = match db.get(log_key(last_lsn)) {
-            Ok(Some(v)) => LogEntry::decode(&v).map_or(0, |e| e.timestamp_ms),
-            _ => 0,
+        // Chunks are keyed by their last LSN: the newest LSN is the last key, the oldest
+        // is the first entry of the first chunk.
+        let log_end = |kv: Option<sled::Result<(sled::IVec, sled::IVec)>>| {
+            kv.transpose()
+                .map_err(|e| sled_err("scan log", e))?
+                .map(|(k, v)| {
+                    let last = decode_log_key(&k)?;
+                    let chunk = log_chunk::entries(&v, last).map_err(|e| corrupt_log(last, e))?;
+                    let first = chunk.first().map_or(last, |(lsn, _)| *lsn);
+                    let last_ts = chunk
+                        .last()
+                        .and_then(|(_, bytes)| LogEntry::decode(bytes).ok())
+                        .map_or(0, |e| e.timestamp_ms);
+                    Ok::<_, EngineError>((first, last, last_ts))
+                })
+                .transpose()
         };
+        let mut log = db.scan_prefix([LOG_PREFIX]);
+        let oldest = log_end(log.next())?;
+        let newest = log_end(log.next_back())?.or(oldest);
+        let last_lsn = meta_last.max(newest.map_or(0, |(_, last, _)| last));
+        let first_log_lsn = oldest.map_or(last_lsn + 1, |(first, _, _)| first);
+        // Continue timestamps monotonically from the newest entry when the clock went back.
+        let last_ts = newest.map_or(0, |(_, _, ts)| ts);
 
         let mut records = 0u64;
         for k in db.scan_prefix([RECORD_PREFIX]).keys() {
@@ -797,24 +798,22 @@ impl Engine {
             return Ok(vec![]);
         }
         let mut out = Vec::with_capacity(max_entries.min(1024));
-        for kv in self
-            .shared
-            .db
-            .range(log_key(from)..=log_key(durable))
-            .take(max_entries)
-        {
+        // The first chunk whose last LSN is at or past `from` holds `from` (or, when the
+        // log was truncated past it, starts later: the caller sees the gap).
+        for kv in self.shared.db.range(log_key(from)..=log_key(u64::MAX)) {
             let (k, v) = kv.map_err(|e| sled_err("read log", e))?;
-            let lsn = decode_log_key(&k)?;
-            let ok = v.len() >= LOG_HEADER + 16
-                && v[0] == LOG_FORMAT
-                && v[1..LOG_HEADER] == crc32fast::hash(&v[LOG_HEADER..]).to_le_bytes()
-                && v[LOG_HEADER + 8..LOG_HEADER + 16] == lsn.to_le_bytes();
-            if !ok {
-                return Err(EngineError::Corrupt(format!(
-                    "log entry {lsn}: bad format, checksum or LSN"
-                )));
+            let last = decode_log_key(&k)?;
+            for (lsn, bytes) in log_chunk::entries(&v, last).map_err(|e| corrupt_log(last, e))? {
+                if lsn > durable {
+                    return Ok(out);
+                }
+                if lsn >= from {
+                    out.push((lsn, bytes.to_vec()));
+                    if out.len() == max_entries {
+                        return Ok(out);
+                    }
+                }
             }
-            out.push((lsn, v.to_vec()));
         }
         Ok(out)
     }
@@ -1068,6 +1067,8 @@ struct Writer {
 /// LSN the next client batch gets.
 struct Stage {
     batch: sled::Batch,
+    /// The group's log entries, packed into chunks as they are staged.
+    log: ChunkBuilder,
     overlay: HashMap<Vec<u8>, Option<Record>>,
     next_lsn: u64,
     delta: i64,
@@ -1080,6 +1081,7 @@ impl Stage {
     fn after(last_lsn: u64) -> Self {
         Stage {
             batch: sled::Batch::default(),
+            log: ChunkBuilder::default(),
             overlay: HashMap::new(),
             next_lsn: last_lsn + 1,
             delta: 0,
@@ -1254,6 +1256,7 @@ impl Writer {
         let mut delta = 0i64;
         let mut writes = 0u64;
         let mut raw = raw.into_iter();
+        let mut chunks = ChunkBuilder::default();
         for e in &entries {
             for w in &e.writes {
                 let mut rk = Vec::with_capacity(1 + w.key.len());
@@ -1278,11 +1281,17 @@ impl Writer {
                 exists.insert(rk, w.value.is_some());
                 writes += 1;
             }
-            match raw.next() {
-                Some(bytes) => batch.insert(&log_key(e.lsn), bytes),
-                None => batch.insert(&log_key(e.lsn), e.encode()),
+            let full = match raw.next() {
+                Some(bytes) => chunks.push(e.lsn, &bytes),
+                None => chunks.push_with(e.lsn, |v| e.encode_into(v)),
+            };
+            if let Some((last, value)) = full {
+                batch.insert(&log_key(last), value);
             }
             self.last_ts = self.last_ts.max(e.timestamp_ms);
+        }
+        if let Some((chunk_last, value)) = chunks.finish() {
+            batch.insert(&log_key(chunk_last), value);
         }
         batch.insert(META_LAST_LSN, &last.to_be_bytes());
         db.apply_batch(batch)
@@ -1403,6 +1412,9 @@ impl Writer {
         }
         if stage.batches > 0 {
             let last = stage.next_lsn - 1;
+            if let Some((chunk_last, value)) = stage.log.finish() {
+                stage.batch.insert(&log_key(chunk_last), value);
+            }
             stage.batch.insert(META_LAST_LSN, &last.to_be_bytes());
             let old_first = self.shared.first_log_lsn.load(Ordering::Acquire);
             let new_first = self.stage_truncation(&mut stage);
@@ -1544,7 +1556,9 @@ impl Writer {
             timestamp_ms: ts,
             writes: logged,
         };
-        stage.batch.insert(&log_key(lsn), entry.encode());
+        if let Some((last, value)) = stage.log.push_with(lsn, |v| entry.encode_into(v)) {
+            stage.batch.insert(&log_key(last), value);
+        }
         stage.next_lsn += 1;
         stage.batches += 1;
         stage.writes += writes.len() as u64;
@@ -1608,11 +1622,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes log entries older than `last_lsn - retention`, a bounded chunk at a time.
-    /// LSNs are dense, so the keys to remove are known without reading. The removal rides
-    /// along with the next group's fsync; losing it in a crash only delays it.
     /// Truncates the log outside a group (after applying replicated entries, which have
-    /// no group batch to ride on): one small batch of removals.
+    /// no group batch to ride on): one small batch removing the chunks that
+    /// [`Writer::stage_truncation`] finds out of retention. The removal becomes durable
+    /// with the next fsync; losing it in a crash only delays it.
     fn truncate_log(&mut self) {
         let mut stage = Stage::after(self.shared.last_lsn.load(Ordering::Acquire));
         let first = self.shared.first_log_lsn.load(Ordering::Acquire);
@@ -1627,9 +1640,11 @@ impl Writer {
         }
     }
 
-    /// Adds the removal of log entries that fell out of retention to the group's batch,
-    /// so truncation rides on the group's one `apply_batch` instead of paying sled's
-    /// per-batch IO-buffer roll again. Returns the new first LSN to publish once applied.
+    /// Adds the removal of log chunks that fell wholly out of retention to the group's
+    /// batch, so truncation rides on the group's one `apply_batch` instead of paying
+    /// sled's per-batch IO-buffer roll again. Returns the new first LSN to publish once
+    /// applied. A chunk goes only when its last entry is past retention, so the log keeps
+    /// up to one chunk more than `retention` entries.
     fn stage_truncation(&self, stage: &mut Stage) -> Option<u64> {
         let last = stage.next_lsn - 1;
         // Never past what was durable before this group: an entry must exist on disk at
@@ -1640,11 +1655,24 @@ impl Writer {
         if first >= cutoff {
             return None;
         }
-        let end = cutoff.min(first.saturating_add(TRUNCATE_CHUNK));
-        for lsn in first..end {
-            stage.batch.remove(&log_key(lsn));
+        // Chunks are keyed by their last LSN: every key below `cutoff` is a whole chunk
+        // out of retention. A failed read only delays truncation to a later group.
+        let mut end = None;
+        for k in self
+            .shared
+            .db
+            .range(log_key(first)..log_key(cutoff))
+            .keys()
+            .take(TRUNCATE_CHUNKS)
+        {
+            let Ok(k) = k else { break };
+            let Ok(chunk_last) = decode_log_key(&k) else {
+                break;
+            };
+            stage.batch.remove(k);
+            end = Some(chunk_last + 1);
         }
-        Some(end)
+        end
     }
 }
 
@@ -2260,6 +2288,84 @@ mod tests {
             "group commit grouped nothing: {groups} groups"
         );
         eprintln!("1000 batches in {groups} group commits");
+    }
+
+    fn log_keys(engine: &Engine) -> usize {
+        engine.shared.db.scan_prefix([LOG_PREFIX]).keys().count()
+    }
+
+    /// A replicated apply packs its entries into few chunks; reads start at any LSN
+    /// inside one, stop at `max_entries`, survive a reopen, and retention drops whole
+    /// chunks only. Bare entries (the format before chunks) read as before.
+    #[tokio::test]
+    async fn log_chunks_read_from_any_lsn_and_truncate_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = open(&tmp.path().join("p"));
+        let pad = "x".repeat(150);
+        for i in 0..400 {
+            let k = key("c", &format!("k{}", i % 50));
+            p.write(vec![put(&k, &format!("\"{pad}{i}\""), Precondition::None)])
+                .await
+                .unwrap();
+        }
+        let shipped = p.read_log(1, 1000).unwrap();
+        assert_eq!(shipped.len(), 400);
+
+        let rdir = tmp.path().join("r");
+        let r = Engine::open(EngineConfig {
+            log_retention: 150,
+            ..config(&rdir)
+        })
+        .unwrap();
+        r.apply_replicated(shipped[..140].to_vec()).await.unwrap();
+        let chunks = log_keys(&r);
+        assert!(
+            (2..=4).contains(&chunks),
+            "140 entries of ~220 bytes in {chunks} chunks"
+        );
+        for from in [1, 2, 77, 139, 140] {
+            let got = r.read_log(from, 7).unwrap();
+            let want: Vec<_> = shipped[from as usize - 1..140]
+                .iter()
+                .take(7)
+                .cloned()
+                .collect();
+            assert_eq!(got, want, "from {from}");
+        }
+        assert_eq!(r.read_log_raw(141, 10).unwrap(), vec![]);
+        assert_eq!(r.content_hash().unwrap().0, 50);
+
+        // Past retention: only whole chunks go, and what is left still reads in order.
+        r.apply_replicated(shipped[140..].to_vec()).await.unwrap();
+        r.shutdown().unwrap();
+        let st = r.status();
+        assert_eq!(st.last_lsn, 400);
+        assert!(
+            st.first_log_lsn > 1 && st.first_log_lsn <= 400 - 150,
+            "first log lsn {}",
+            st.first_log_lsn
+        );
+        let first = st.first_log_lsn;
+        let rest = r.read_log(0, 1000).unwrap();
+        assert_eq!(rest.first().map(|e| e.lsn), Some(first));
+        assert_eq!(rest.len() as u64, 400 - first + 1);
+        drop(r);
+
+        let r = Engine::open(config(&rdir)).unwrap();
+        let st = r.status();
+        assert_eq!((st.first_log_lsn, st.last_lsn), (first, 400));
+        assert_eq!(r.read_log(first, 1000).unwrap(), rest);
+        assert_eq!(r.content_hash().unwrap(), p.content_hash().unwrap());
+        r.shutdown().unwrap();
+        drop(r);
+
+        // The primary wrote one group per write (one chunk each); store them as the
+        // format before chunks did, a bare entry per key, and read them back.
+        let db = &p.shared.db;
+        for (lsn, bytes) in p.read_log_raw(1, 1000).unwrap() {
+            db.insert(log_key(lsn), bytes).unwrap();
+        }
+        assert_eq!(p.read_log(1, 1000).unwrap(), shipped);
     }
 
     /// The raw log read a primary ships from gives exactly the stored encodings, and a

@@ -8,6 +8,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`engine`] | sled: records, the log, group commit (every sled call lives there) |
+//! | [`log_chunk`] | how log entries are packed into sled values; pure |
 //! | [`protocol`] | frames and messages of the storage protocol; pure, fuzzable |
 //! | [`wire`] | conversions between this vocabulary and the protocol's messages; pure |
 //! | [`conn`] | the protocol's I/O edge: frame reading with deadlines, the handshake |
@@ -22,6 +23,7 @@ pub mod client;
 pub mod conn;
 pub mod engine;
 pub mod feed;
+pub mod log_chunk;
 pub mod protocol;
 pub mod replication;
 pub mod server;
