@@ -3,7 +3,7 @@
 # under `taskset -c 0`, then ../shared/bench/compare.sh for its scenario. Run from the repo
 # root after `cargo build --release`, on a quiet machine, as root (compare.sh starts nginx,
 # HAProxy, Varnish and Redis). Usage: benches/final/run.sh [SCENARIO...]
-#   scenarios: static kv1 s2 s5 edge proxy   (default: all)
+#   scenarios: static kv1 s2 s5 edge proxy replicas   (default: all)
 set -euo pipefail
 bin=$PWD/target/release/strata
 compare=${COMPARE:-$PWD/../shared/bench/compare.sh}
@@ -20,7 +20,7 @@ start() { # name, config text
 node() { printf '[node]\nname = "%s"\nadmin = "127.0.0.1:%s"\ndata_dir = "%s"\n' "$1" "$2" "$work/$1/data"; }
 run() { echo "== $1"; "$compare" "$2" "$3" 2>&1 | tail -n +2 | grep -v '^$' || true; }
 
-scenarios=${*:-static kv1 s2 s5 edge proxy}
+scenarios=${*:-static kv1 s2 s5 edge proxy replicas}
 for s in $scenarios; do
   case $s in
     static)
@@ -69,6 +69,38 @@ upstreams = [\"127.0.0.1:18080\"]"
 listen = \"127.0.0.1:28608\"
 backends = [\"127.0.0.1:18080\"]"
       run "stage 3 balancer proxy" proxy http://127.0.0.1:28608; stop ;;
+    replicas)
+      # Stage 4 read throughput with 0, 1 and 2 read replicas behind one app. Every node
+      # shares CPU 0 (this machine has two cores; wrk needs the other), so this measures
+      # what routing reads to replicas costs, not the capacity replicas add on their own VMs.
+      for n in ${REPLICAS:-0 1 2}; do
+        start r${n}p "$(node r${n}p 29610)
+[storage]
+listen = \"127.0.0.1:27110\""
+        list=""
+        for i in $(seq 1 "$n"); do
+          start r${n}r$i "$(node r${n}r$i $((29610 + i)))
+[storage]
+listen = \"127.0.0.1:$((27110 + i))\"
+mode = \"replica\"
+follow = \"127.0.0.1:27110\""
+          list+="${list:+, }\"127.0.0.1:$((27110 + i))\""
+        done
+        start r${n}a "$(node r${n}a 29619)
+[app]
+listen = \"127.0.0.1:28619\"
+storage = { primary = \"127.0.0.1:27110\", replicas = [$list] }"
+        run "stage 4 kv-get through the app, $n read replica(s), all on CPU 0" kv-get http://127.0.0.1:28619
+        curl -s http://127.0.0.1:29619/admin/status | python3 -c 'import json,sys
+def find(v):
+    if isinstance(v, dict):
+        if "reads" in v and isinstance(v["reads"], dict): print("app storage reads:", v["reads"])
+        for x in v.values(): find(x)
+    elif isinstance(v, list):
+        for x in v: find(x)
+find(json.load(sys.stdin))' || true
+        stop
+      done ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
 done
