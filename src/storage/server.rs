@@ -2,7 +2,8 @@
 //! optional), one authenticated, pipelined connection per client.
 //!
 //! Per connection: TLS accept and the handshake under one deadline; then a reader that
-//! takes frames and spawns each request's handling, a writer task that sends the answers in
+//! takes frames, answers plain reads on the spot (sled serves them without waiting) and
+//! spawns the handling of everything else, a writer task that sends the answers in
 //! whatever order they finish, and a bound on requests in progress (beyond it the reader
 //! stops reading, so TCP pushes back on the client). A peer that sends garbage, an oversize
 //! or truncated frame, stalls mid-frame, or fails the handshake is disconnected and the
@@ -291,6 +292,12 @@ impl StorageServer {
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
+            if is_plain_read(&body) {
+                // Answered on the spot: no task, no permit (nothing is held across a wait).
+                // A failed send means the writer ended; the select above reports why.
+                let _ = tx.send(self.frame(id, to_response(self.read(body)))).await;
+                continue;
+            }
             let permit = tokio::select! {
                 p = in_flight.clone().acquire_owned() => match p {
                     Ok(p) => p,
@@ -344,63 +351,20 @@ impl StorageServer {
 
     /// Carries out one request against the engine.
     async fn answer(&self, request: Request) -> Response {
-        match self.answer_inner(request).await {
-            Ok(r) => r,
-            Err(e) => Response::Error(wire::error_to_wire(&e)),
-        }
+        to_response(self.answer_inner(request).await)
     }
 
-    async fn answer_inner(&self, request: Request) -> Result<Response, StoreError> {
+    /// Carries out a plain read (`Get`, `GetAt`, `List`). Sled serves these from memory
+    /// without waiting on anything, so the request loop answers them on the spot instead
+    /// of spawning a task for each (see [`StorageServer::serve`]).
+    fn read(&self, request: Request) -> Result<Response, StoreError> {
         let invalid = |m: String| StoreError::InvalidBatch(m);
-        let reading = matches!(
-            request,
-            Request::Get { .. } | Request::GetAt { .. } | Request::List { .. }
-        );
-        if reading && self.engine.resyncing() {
+        if self.engine.resyncing() {
             return Err(StoreError::Unavailable(
                 "this replica is installing a snapshot; read from another node".into(),
             ));
         }
         match request {
-            Request::AtLeast {
-                min_epoch,
-                min_lsn,
-                wait_ms,
-                read,
-            } => {
-                if !matches!(
-                    *read,
-                    Request::Get { .. } | Request::GetAt { .. } | Request::List { .. }
-                ) {
-                    return Err(invalid("AtLeast wraps only Get, GetAt or List".into()));
-                }
-                let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_TOKEN_WAIT);
-                let mut rx = self.engine.subscribe_durable();
-                let reached = |d: &u64| {
-                    *d >= min_lsn && self.engine.epoch() >= min_epoch && !self.engine.resyncing()
-                };
-                let now = reached(&rx.borrow_and_update());
-                let ok = now
-                    || tokio::time::timeout(wait, rx.wait_for(reached))
-                        .await
-                        .map(|r| r.is_ok())
-                        .unwrap_or(false);
-                if !ok {
-                    return Err(StoreError::Behind(format!(
-                        "{} is at ({}, {}), the read needs ({min_epoch}, {min_lsn})",
-                        self.node,
-                        self.engine.epoch(),
-                        self.engine.status().durable_lsn
-                    )));
-                }
-                Box::pin(self.answer_inner(*read)).await
-            }
-            Request::ReplStatus => Ok(Response::ReplStatus(self.repl.wire_status())),
-            Request::ContentHash => {
-                let lsn = self.engine.status().durable_lsn;
-                let (records, hash) = self.engine.content_hash()?;
-                Ok(Response::ContentHash { lsn, records, hash })
-            }
             Request::Get { key } => {
                 let key = Key::parse(&key).map_err(|e| invalid(format!("key {key:?}: {e}")))?;
                 let record = self.engine.get(&key)?;
@@ -436,6 +400,52 @@ impl StorageServer {
                         .collect(),
                     next: page.next,
                 })
+            }
+            _ => Err(invalid("not a plain read".into())),
+        }
+    }
+
+    async fn answer_inner(&self, request: Request) -> Result<Response, StoreError> {
+        let invalid = |m: String| StoreError::InvalidBatch(m);
+        match request {
+            Request::AtLeast {
+                min_epoch,
+                min_lsn,
+                wait_ms,
+                read,
+            } => {
+                if !is_plain_read(&read) {
+                    return Err(invalid("AtLeast wraps only Get, GetAt or List".into()));
+                }
+                let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_TOKEN_WAIT);
+                let mut rx = self.engine.subscribe_durable();
+                let reached = |d: &u64| {
+                    *d >= min_lsn && self.engine.epoch() >= min_epoch && !self.engine.resyncing()
+                };
+                let now = reached(&rx.borrow_and_update());
+                let ok = now
+                    || tokio::time::timeout(wait, rx.wait_for(reached))
+                        .await
+                        .map(|r| r.is_ok())
+                        .unwrap_or(false);
+                if !ok {
+                    return Err(StoreError::Behind(format!(
+                        "{} is at ({}, {}), the read needs ({min_epoch}, {min_lsn})",
+                        self.node,
+                        self.engine.epoch(),
+                        self.engine.status().durable_lsn
+                    )));
+                }
+                self.read(*read)
+            }
+            Request::ReplStatus => Ok(Response::ReplStatus(self.repl.wire_status())),
+            Request::ContentHash => {
+                let lsn = self.engine.status().durable_lsn;
+                let (records, hash) = self.engine.content_hash()?;
+                Ok(Response::ContentHash { lsn, records, hash })
+            }
+            read @ (Request::Get { .. } | Request::GetAt { .. } | Request::List { .. }) => {
+                self.read(read)
             }
             Request::Write { writes } => {
                 if let Some(refusal) = self.repl.refuse_write() {
@@ -522,4 +532,17 @@ impl Component for StorageServer {
             "disk_bytes": s.disk_bytes,
         })
     }
+}
+
+/// `Get`, `GetAt` and `List`: reads that never wait, answered by [`StorageServer::read`].
+fn is_plain_read(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Get { .. } | Request::GetAt { .. } | Request::List { .. }
+    )
+}
+
+/// An outcome as the peer gets it: errors become [`Response::Error`].
+fn to_response(outcome: Result<Response, StoreError>) -> Response {
+    outcome.unwrap_or_else(|e| Response::Error(wire::error_to_wire(&e)))
 }
