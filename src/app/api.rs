@@ -132,15 +132,14 @@ async fn read_json(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let json_like = mime == "application/json"
-        || (mime.starts_with("application/") && mime.ends_with("+json"))
-        || (merge_patch && mime == "application/merge-patch+json");
+    // Media types are case-insensitive; compared as bytes, without a lowercased copy.
+    let mime = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    let (app, json) = (b"application/", b"+json");
+    let json_like = mime.eq_ignore_ascii_case(b"application/json")
+        || (mime.len() > app.len() + json.len()
+            && mime[..app.len()].eq_ignore_ascii_case(app)
+            && mime[mime.len() - json.len()..].eq_ignore_ascii_case(json))
+        || (merge_patch && mime.eq_ignore_ascii_case(b"application/merge-patch+json"));
     if !json_like {
         return Err(problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -264,14 +263,23 @@ pub(crate) fn etag_header(lsn: u64) -> HeaderValue {
 /// Puts a write's consistency token on its response: the LSN in `Strata-LSN` (as
 /// before) and `epoch.lsn` in the `strata-lsn` cookie, which browsers send back on later
 /// reads so those never see data older than the write.
+/// Built without `fmt`: every write answers with both.
 fn lsn_header(resp: &mut Response<Body>, committed: &Committed) {
-    resp.headers_mut()
-        .insert(LSN_HEADER, HeaderValue::from(committed.lsn));
-    let cookie = format!(
-        "{LSN_HEADER}={}.{}; Path=/; Max-Age=300; SameSite=Lax; HttpOnly",
-        committed.epoch, committed.lsn
+    resp.headers_mut().insert(
+        HeaderName::from_static(LSN_HEADER),
+        HeaderValue::from(committed.lsn),
     );
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
+    const ATTRIBUTES: &[u8] = b"; Path=/; Max-Age=300; SameSite=Lax; HttpOnly";
+    let (mut epoch, mut lsn) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (epoch, lsn) = (epoch.format(committed.epoch), lsn.format(committed.lsn));
+    let mut cookie = Vec::with_capacity(LSN_HEADER.len() + epoch.len() + lsn.len() + 50);
+    cookie.extend_from_slice(LSN_HEADER.as_bytes());
+    cookie.push(b'=');
+    cookie.extend_from_slice(epoch.as_bytes());
+    cookie.push(b'.');
+    cookie.extend_from_slice(lsn.as_bytes());
+    cookie.extend_from_slice(ATTRIBUTES);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(cookie)) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
 }
@@ -467,7 +475,12 @@ fn written(committed: &Committed, key: &Key, status_if_created: StatusCode) -> R
         Some(_) => StatusCode::OK,
     };
     if created {
-        if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/{key}")) {
+        let mut location = String::with_capacity(8 + key.collection().len() + key.id().len());
+        location.push_str("/api/v1/");
+        location.push_str(key.collection());
+        location.push('/');
+        location.push_str(key.id());
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(location)) {
             resp.headers_mut().insert(header::LOCATION, v);
         }
     }

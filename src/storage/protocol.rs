@@ -439,7 +439,10 @@ pub enum Message {
 
 /// Encodes a message as one frame (length prefix included).
 pub fn encode_frame(msg: &Message) -> Vec<u8> {
-    let mut out = vec![0u8; 4];
+    // Room for a typical request or answer (a small record and its key), so encoding
+    // does not grow the vector five times on the way there.
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&[0; 4]);
     // Encoding into a Vec cannot fail for these types except on the size limit, which a
     // message we build ourselves never reaches; fall back to an empty payload if it did.
     if bincode::encode_into_std_write(msg, &mut out, bincode_config()).is_err() {

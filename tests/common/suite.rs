@@ -32,7 +32,27 @@ pub async fn crud(base: &str) {
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["location"], "/api/v1/users/alice");
     let lsn1 = lsn(&r);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.starts_with("strata-lsn=")
+            && cookie.ends_with(&format!(
+                ".{lsn1}; Path=/; Max-Age=300; SameSite=Lax; HttpOnly"
+            )),
+        "{cookie}"
+    );
     let tag1 = etag(&r);
+    // Media types compare case-insensitively, parameters aside; any +json type is JSON.
+    let r = c
+        .put(format!("{base}/api/v1/users/carol"))
+        .header(
+            "content-type",
+            "Application/Vnd.Example+JSON; charset=utf-8",
+        )
+        .body(r#"{"name":"Carol"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
 
     let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -465,6 +485,13 @@ pub async fn bad_inputs(base: &str, max_body: usize) {
             "text content type",
             c.put(&target)
                 .header("content-type", "text/plain")
+                .body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "a +json type that only looks like one",
+            c.put(&target)
+                .header("content-type", "application/+json")
                 .body("{}"),
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ),
