@@ -1,0 +1,40 @@
+#!/bin/bash
+# User and kernel CPU per proxied request of nginx proxy_pass, HAProxy and the strata
+# balancer, side by side, with compare.sh's proxy setup: each proxy pinned to CPU 0, the
+# nginx backend (/file1k) and wrk (64 connections, 8 s, after 2 s of warm-up) on CPU 1.
+# Two rounds each, interleaved. compare.sh prints the sum; this splits it, to show where
+# the time goes (utime and stime from /proc/PID/stat; for nginx, its one worker).
+# usage: benches/proxy/split.sh [STRATA_BINARY]   (needs nginx, haproxy, wrk)
+set -u
+bin=${1:-$PWD/target/release/strata}
+dir=$(mktemp -d /tmp/strata-split.XXXXXX)
+mkdir -p "$dir/www" && head -c 1024 /dev/zero | tr '\0' x > "$dir/www/file1k"
+nginx_conf() { # name, http block body
+  printf 'worker_processes 1; daemon off; pid %s/%s.pid; error_log %s/%s.err;\nevents { worker_connections 4096; }\nhttp { access_log off; %s }\n' \
+    "$dir" "$1" "$dir" "$1" "$2" > "$dir/$1.conf"
+}
+nginx_conf be "server { listen 127.0.0.1:18780; root $dir/www; }"
+nginx_conf np "upstream be { server 127.0.0.1:18780; keepalive 64; } server { listen 127.0.0.1:18781; location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+printf 'global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind 127.0.0.1:18782\n  default_backend be\nbackend be\n  http-reuse always\n  server s1 127.0.0.1:18780\n' > "$dir/hp.cfg"
+printf '[node]\nname = "split-lb"\nadmin = "127.0.0.1:0"\n[balancer]\nlisten = "127.0.0.1:18783"\nbackends = ["127.0.0.1:18780"]\n' > "$dir/lb.toml"
+
+taskset -c 1 nginx -c "$dir/be.conf" & BE=$!
+taskset -c 0 nginx -c "$dir/np.conf" & NP=$!
+taskset -c 0 haproxy -f "$dir/hp.cfg" > "$dir/hp.log" 2>&1 & HP=$!
+STRATA_LOG=warn taskset -c 0 "$bin" serve --config "$dir/lb.toml" > "$dir/lb.log" 2>&1 & SP=$!
+trap 'kill $BE $NP $HP $SP 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
+sleep 1.5
+NW=$(pgrep -P $NP)
+hz=$(getconf CLK_TCK)
+for round in 1 2; do
+  for pair in nginx:$NW:18781 haproxy:$HP:18782 strata:$SP:18783; do
+    IFS=: read -r name pid port <<<"$pair"
+    taskset -c 1 wrk -t1 -c64 -d2s "http://127.0.0.1:$port/file1k" > /dev/null
+    read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    out=$(taskset -c 1 wrk -t1 -c64 -d8s "http://127.0.0.1:$port/file1k")
+    read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    python3 -c "n=$n; u=($u1-$u0)/$hz; s=($s1-$s0)/$hz
+print(f'round $round  $name: {n/8:9.0f} req/s  user {u*1e6/n:5.2f} us/req  kernel {s*1e6/n:5.2f} us/req  total {(u+s)*1e6/n:5.2f}')"
+  done
+done
