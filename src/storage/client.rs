@@ -729,10 +729,20 @@ impl Conn {
                 }
             }
         };
-        // A full queue means the server is slow: waiting here is the backpressure.
-        match tokio::time::timeout(timeout, self.tx.send(frame)).await {
+        // Usually the queue has room: no timer for that. A full queue means the server is
+        // slow, and waiting (bounded) is the backpressure.
+        let sent = match self.tx.try_send(frame) {
+            Ok(()) => Ok(Ok(())),
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(Err(())),
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                tokio::time::timeout(timeout, self.tx.send(frame))
+                    .await
+                    .map(|r| r.map_err(|_| ()))
+            }
+        };
+        match sent {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => {
+            Ok(Err(())) => {
                 forget();
                 return Err(CallError::NotSent("connection closed".into()));
             }
