@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -188,6 +188,9 @@ type Results = Arc<Mutex<(usize, Vec<String>, HashMap<String, usize>)>>;
 /// Steady GET load from `workers` clients until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
+    /// Bumped by `reset_seen`: a request counts in `seen` only if it started after the
+    /// latest reset, so one still in flight from before never does, however slow.
+    generation: Arc<AtomicU64>,
     results: Results,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -195,13 +198,16 @@ struct Load {
 impl Load {
     fn start(url: String, workers: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
         let results: Results = Arc::new(Mutex::new((0, Vec::new(), HashMap::new())));
         let tasks = (0..workers)
             .map(|_| {
                 let (stop, results, url) = (stop.clone(), results.clone(), url.clone());
+                let generation = generation.clone();
                 tokio::spawn(async move {
                     let c = client();
                     while !stop.load(Ordering::Relaxed) {
+                        let started_in = generation.load(Ordering::SeqCst);
                         let outcome = match c.get(&url).send().await {
                             Ok(r) if r.status() == 200 => match r.json::<Value>().await {
                                 Ok(v) => Ok(v["name"].as_str().unwrap_or("?").to_owned()),
@@ -218,7 +224,9 @@ impl Load {
                             match outcome {
                                 Ok(name) => {
                                     g.0 += 1;
-                                    *g.2.entry(name).or_default() += 1;
+                                    if started_in == generation.load(Ordering::SeqCst) {
+                                        *g.2.entry(name).or_default() += 1;
+                                    }
                                 }
                                 Err(e) => g.1.push(e),
                             }
@@ -231,6 +239,7 @@ impl Load {
             .collect();
         Load {
             stop,
+            generation,
             results,
             tasks,
         }
@@ -245,7 +254,9 @@ impl Load {
     }
 
     fn reset_seen(&self) {
-        self.results.lock().unwrap().2.clear();
+        let mut g = self.results.lock().unwrap();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        g.2.clear();
     }
 
     async fn finish(self) -> (usize, Vec<String>) {
