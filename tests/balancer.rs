@@ -466,7 +466,9 @@ async fn hanging_backend_times_out_with_504_and_others_serve() {
         let r = c.get(lb.url("/api/v1/who/me")).send().await.unwrap();
         match r.status().as_u16() {
             200 => {
-                assert!(started.elapsed() < Duration::from_millis(250));
+                // Under the 300 ms response timeout: it never waited on the hanging
+                // backend (a retry after that timeout would take longer).
+                assert!(started.elapsed() < Duration::from_millis(300));
                 ok += 1;
             }
             504 => {
