@@ -36,13 +36,13 @@
 //! runtime is fine for cache-resident data. They see a batch as soon as it is applied,
 //! which is up to one group commit (one fsync) before it is acknowledged as durable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs::File;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +53,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::log_chunk::{self, check_entry, seal, ChunkBuilder, ENTRY_FORMAT, ENTRY_HEADER};
 use super::replication::state::{EntryRefused, Follower, History};
+use super::{inbox, relay};
 use super::{
     Committed, Key, ListPage, ListQuery, Precondition, Record, Write, WriteOp, WriteResult,
 };
@@ -216,7 +217,7 @@ struct Shared {
 
 struct Request {
     writes: Vec<Write>,
-    reply: oneshot::Sender<Result<Committed, EngineError>>,
+    reply: relay::Reply<Result<Committed, EngineError>>,
 }
 
 enum Msg {
@@ -244,7 +245,7 @@ enum ReplOp {
 /// (draining queued writes) like [`Engine::shutdown`].
 pub struct Engine {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Msg>,
+    tx: inbox::Sender<Msg>,
     writer: Mutex<Option<JoinHandle<Result<(), EngineError>>>>,
     closed: AtomicBool,
 }
@@ -649,7 +650,7 @@ impl Engine {
         sync_path(&path.join("conf"))?;
         sync_path(&path)?;
 
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = inbox::inbox();
         writer.rx = Some(rx);
         let handle = std::thread::Builder::new()
             .name("strata-engine-writer".into())
@@ -679,7 +680,7 @@ impl Engine {
             .send(Msg::Write(Request { writes, reply }))
             .map_err(|_| EngineError::Closed)?;
         // The writer drops unanswered requests only when it stops.
-        answer.await.map_err(|_| EngineError::Closed)?
+        answer.await.map_err(|_| EngineError::Closed)?.open()
     }
 
     /// Reads one record.
@@ -1047,7 +1048,7 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, EngineError> {
 /// to sled or flushes it.
 struct Writer {
     shared: Arc<Shared>,
-    rx: Option<mpsc::Receiver<Msg>>,
+    rx: Option<inbox::Receiver<Msg>>,
     max_group: usize,
     retention: u64,
     path: PathBuf,
@@ -1099,78 +1100,69 @@ impl Writer {
         let Some(rx) = self.rx.take() else {
             return Err(EngineError::Io("writer started without a channel".into()));
         };
-        // A replication message met while gathering a group waits here until the group
-        // is committed, so everything is applied in the order it was sent.
-        let mut deferred: Option<Msg> = None;
+        // Messages taken from the inbox, in order. A replication message met while
+        // gathering a group waits here until the group is committed, so everything is
+        // applied in the order it was sent.
+        let mut pending = VecDeque::new();
         loop {
+            if pending.is_empty() && !rx.take(&mut pending, 1, None) {
+                // The engine handle is gone without a shutdown message.
+                return self.stop();
+            }
             let mut group = Vec::new();
-            let first = match deferred.take() {
-                Some(m) => Ok(m),
-                None => rx.recv(),
-            };
-            let mut stop = match first {
-                Ok(Msg::Write(req)) => {
-                    group.push(req);
-                    false
-                }
-                Ok(Msg::Repl(op, reply)) => {
+            match pending.pop_front() {
+                Some(Msg::Write(req)) => group.push(req),
+                Some(Msg::Repl(op, reply)) => {
                     let result = self.replicate(op);
                     let _ = reply.send(result);
                     self.truncate_log();
                     continue;
                 }
-                Ok(Msg::Shutdown) | Err(_) => true,
-            };
-            while !stop && group.len() < self.max_group {
-                match rx.try_recv() {
-                    Ok(Msg::Write(req)) => group.push(req),
-                    Ok(m @ Msg::Repl(..)) => {
-                        deferred = Some(m);
-                        break;
-                    }
-                    Ok(Msg::Shutdown) => stop = true,
-                    Err(_) => break,
-                }
+                // Requests queued behind the shutdown are dropped with `pending`: their
+                // callers see `Closed`, and nothing of them was applied.
+                Some(Msg::Shutdown) => return self.stop(),
+                None => continue,
             }
+            self.gather(&mut group, &mut pending);
             // Adaptive commit window (PostgreSQL's commit_delay, self-tuning): when the last
             // group showed concurrent writers and fewer of them have arrived yet, wait a
             // moment for the rest so one flush + fsync covers them all. A lone writer
             // (last group of 1) never waits. On a busy single core this is what lets the
             // HTTP side queue the next writes instead of the writer flushing each alone.
-            if !stop
-                && deferred.is_none()
-                && self.last_group > 1
-                && group.len() < self.last_group.min(self.max_group)
-            {
+            // The inbox wakes the writer once, when the group is complete or the window
+            // ends, not at every arrival.
+            let target = self.last_group.min(self.max_group);
+            if pending.is_empty() && self.last_group > 1 && group.len() < target {
                 let deadline = Instant::now() + COMMIT_WINDOW;
-                while group.len() < self.last_group.min(self.max_group) {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(Msg::Write(req)) => group.push(req),
-                        Ok(m @ Msg::Repl(..)) => {
-                            deferred = Some(m);
-                            break;
-                        }
-                        Ok(Msg::Shutdown) => {
-                            stop = true;
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                rx.take(&mut pending, target - group.len(), Some(deadline));
+                self.gather(&mut group, &mut pending);
             }
             self.last_group = group.len();
-            if !group.is_empty() {
-                self.commit_group(group);
+            self.commit_group(group);
+        }
+    }
+
+    /// Moves writes from the front of `pending` into `group`, up to the group limit,
+    /// stopping at the first message that is not a write.
+    fn gather(&self, group: &mut Vec<Request>, pending: &mut VecDeque<Msg>) {
+        while group.len() < self.max_group {
+            match pending.pop_front() {
+                Some(Msg::Write(req)) => group.push(req),
+                Some(other) => {
+                    pending.push_front(other);
+                    return;
+                }
+                None => return,
             }
-            if stop {
-                // Requests queued behind the shutdown are dropped with `rx`: their
-                // callers see `Closed`, and nothing of them was applied.
-                return match &self.failed {
-                    Some(msg) => Err(EngineError::Io(msg.clone())),
-                    None => self.make_durable(),
-                };
-            }
+        }
+    }
+
+    /// The writer's last act: make everything applied durable, unless writing already
+    /// failed (then report that).
+    fn stop(&mut self) -> Result<(), EngineError> {
+        match &self.failed {
+            Some(msg) => Err(EngineError::Io(msg.clone())),
+            None => self.make_durable(),
         }
     }
 
@@ -1459,10 +1451,9 @@ impl Writer {
                 }
             }
         }
-        for (reply, result) in answers {
-            // The caller may have gone away; the batch stays committed regardless.
-            let _ = reply.send(result);
-        }
+        // One wake for the whole group (see `relay`). A caller may have gone away; its
+        // batch stays committed regardless.
+        relay::deliver(answers);
     }
 
     fn count_records(&self, delta: i64) {
