@@ -121,13 +121,9 @@ fn storage_problem(e: StoreError) -> Box<Problem> {
     }
 }
 
-/// Reads a JSON request body: content type checked, size limited, syntax validated.
-async fn read_json(
-    headers: &HeaderMap,
-    body: Incoming,
-    settings: &AppSettings,
-    merge_patch: bool,
-) -> Result<Bytes, Box<Problem>> {
+/// Checks that a request body is declared as JSON: `application/json` or any
+/// `application/*+json`, and for a merge patch also `application/merge-patch+json`.
+fn check_json_type(headers: &HeaderMap, merge_patch: bool) -> Result<(), Box<Problem>> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -140,15 +136,33 @@ async fn read_json(
             && mime[..app.len()].eq_ignore_ascii_case(app)
             && mime[mime.len() - json.len()..].eq_ignore_ascii_case(json))
         || (merge_patch && mime.eq_ignore_ascii_case(b"application/merge-patch+json"));
-    if !json_like {
-        return Err(problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!(
-                "expected Content-Type application/json, got {:?}",
-                if ct.is_empty() { "none" } else { ct }
-            ),
-        ));
+    if json_like {
+        return Ok(());
     }
+    Err(problem(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!(
+            "expected Content-Type application/json, got {:?}",
+            if ct.is_empty() { "none" } else { ct }
+        ),
+    ))
+}
+
+/// Checks a request body's JSON syntax (storage keeps the bytes as sent).
+fn check_json_syntax(bytes: &[u8]) -> Result<(), Box<Problem>> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map(|_| ())
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))
+}
+
+/// Reads a JSON request body: content type checked, size limited, syntax validated.
+async fn read_json(
+    headers: &HeaderMap,
+    body: Incoming,
+    settings: &AppSettings,
+    merge_patch: bool,
+) -> Result<Bytes, Box<Problem>> {
+    check_json_type(headers, merge_patch)?;
     let max = settings.max_body;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -167,12 +181,7 @@ async fn read_json(
             ))
         }
     };
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
-        return Err(problem(
-            StatusCode::BAD_REQUEST,
-            format!("malformed JSON: {e}"),
-        ));
-    }
+    check_json_syntax(&bytes)?;
     Ok(bytes)
 }
 
@@ -500,10 +509,40 @@ pub async fn put_record(
     let key = Key::new(collection, id).map_err(bad_key)?;
     let precondition = write_precondition(headers)?.unwrap_or_default();
     let bytes = read_json(headers, body, settings, false).await?;
+    put(store, key, precondition, bytes).await
+}
+
+/// The request fields a record PUT looks at besides its body: the token, the content
+/// type and the preconditions. The app's fast path copies only these from a request head,
+/// so a PUT that starts using another field must be listed here.
+pub static RECORD_WRITE_FIELDS: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    header::CONTENT_TYPE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+];
+
+/// PUT whose body the caller has already read whole, within the app's body limit (the
+/// fast path): the same checks, in the same order, as [`put_record`].
+pub async fn put_record_body(
+    store: &Data<'_>,
+    headers: &HeaderMap,
+    body: Bytes,
+    collection: &str,
+    id: &str,
+) -> ApiResult {
+    let key = Key::new(collection, id).map_err(bad_key)?;
+    let precondition = write_precondition(headers)?.unwrap_or_default();
+    check_json_type(headers, false)?;
+    check_json_syntax(&body)?;
+    put(store, key, precondition, body).await
+}
+
+async fn put(store: &Data<'_>, key: Key, precondition: Precondition, body: Bytes) -> ApiResult {
     let committed = store
         .write(vec![Write {
             key: key.clone(),
-            op: WriteOp::Put(bytes),
+            op: WriteOp::Put(body),
             precondition,
         }])
         .await

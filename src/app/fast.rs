@@ -1,29 +1,33 @@
-//! The app's HTTP/1.1 fast path for record reads: `GET`/`HEAD /api/v1/{collection}/{id}`
-//! from plain-HTTP/1.1 clients is parsed, answered and written here, without hyper's server
-//! machinery — the same work a cache hit otherwise spends a third of its time on.
+//! The app's HTTP/1.1 fast path for single records: `GET`/`HEAD` and `PUT` of
+//! `/api/v1/{collection}/{id}` from plain-HTTP/1.1 clients are parsed, answered and
+//! written here, without hyper's server machinery — the same work a cache hit otherwise
+//! spends a third of its time on, and a durable PUT a sixth.
 //!
 //! Only the request *framing* is ours. The answer comes from the same code as on the hyper
-//! path ([`App::read_record`]: token check, record cache, storage, conditional requests),
-//! and it is counted and logged the same way. Anything this path does not take (other
-//! methods and routes, request bodies, `Expect`, `Upgrade`, unusual `Connection` tokens,
+//! path ([`App::read_record`]: token check, record cache, storage, conditional requests;
+//! [`App::put_record`]: token check, preconditions, JSON checks, the write), and it is
+//! counted and logged the same way. A PUT is taken only with one plain `Content-Length`
+//! within the app's body limit and [`MAX_FAST_BODY`], and its whole body must arrive within
+//! the head timeout. Anything this path does not take (other methods and routes, chunked or
+//! larger bodies, a body on a read, `Expect`, `Upgrade`, unusual `Connection` tokens,
 //! HTTP/1.0, targets with bytes outside RFC 3986, malformed or oversized heads, h2c) hands
 //! the connection to hyper for the rest of its life, with the bytes read so far: hyper then
 //! answers exactly as it always did.
 //!
-//! [`parse_read`] and [`encode_response`] are pure; the connection loop is the I/O edge.
+//! [`parse_request`] and [`encode_response`] are pure; the connection loop is the I/O edge.
 
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::api::{RecordRead, RECORD_READ_FIELDS};
+use super::api::{RecordRead, RECORD_READ_FIELDS, RECORD_WRITE_FIELDS};
 use super::cache::CachedRecord;
 use super::router::{self, Endpoint};
 use super::App;
@@ -34,10 +38,13 @@ use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
 /// Most header fields a fast-path request may have; more go to hyper.
 const MAX_FIELDS: usize = 32;
 
-/// A record read this path answers, located in the input buffer.
+/// Largest PUT body this path takes (and buffers); larger ones stream through hyper.
+pub const MAX_FAST_BODY: usize = 16 << 10;
+
+/// A record request this path answers, located in the input buffer.
 #[derive(Debug)]
-pub struct ReadHead {
-    /// GET or HEAD.
+pub struct FastHead {
+    /// GET, HEAD or PUT.
     pub method: Method,
     /// The path, within the input.
     pub path: Range<usize>,
@@ -47,30 +54,33 @@ pub struct ReadHead {
     pub id: Range<usize>,
     /// The query (after `?`), within the input.
     pub query: Option<Range<usize>>,
-    /// The request's fields a record read looks at ([`RECORD_READ_FIELDS`]); the rest are
-    /// framing (checked here) or ignored, as the hyper path ignores them.
+    /// The request's fields its handler looks at ([`RECORD_READ_FIELDS`] or
+    /// [`RECORD_WRITE_FIELDS`]); the rest are framing (checked here) or ignored, as the
+    /// hyper path ignores them.
     pub headers: HeaderMap,
-    /// Bytes of the head (the request has no body).
-    pub head_len: usize,
+    /// The body (a PUT's; empty for reads), within the input.
+    pub body: Range<usize>,
     /// The client asked to close after this response.
     pub close: bool,
 }
 
-/// What [`parse_read`] made of the input.
+/// What [`parse_request`] made of the input.
 // Lives on the stack for one request; boxing the large variant would allocate per request.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Parsed {
-    /// A complete record read.
-    Read(ReadHead),
+    /// A complete record request (head and body).
+    Request(FastHead),
     /// The head is not complete yet.
     Partial,
+    /// The head of a PUT is complete, its body is not: the request is in flight.
+    Body,
     /// Not for this path: hyper serves the connection from here on.
     Fallback,
 }
 
-/// Parses the request head at the start of `input`.
-pub fn parse_read(input: &[u8]) -> Parsed {
+/// Parses the request at the start of `input`; a PUT's body may be at most `max_body`.
+pub fn parse_request(input: &[u8], max_body: usize) -> Parsed {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut fields);
     let head_len = match req.parse(input) {
@@ -78,9 +88,10 @@ pub fn parse_read(input: &[u8]) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Fallback,
     };
-    let method = match req.method {
-        Some("GET") => Method::GET,
-        Some("HEAD") => Method::HEAD,
+    let (method, wanted): (Method, &[HeaderName]) = match req.method {
+        Some("GET") => (Method::GET, &RECORD_READ_FIELDS),
+        Some("HEAD") => (Method::HEAD, &RECORD_READ_FIELDS),
+        Some("PUT") => (Method::PUT, &RECORD_WRITE_FIELDS),
         _ => return Parsed::Fallback,
     };
     let (Some(1), Some(target)) = (req.version, req.path) else {
@@ -97,12 +108,18 @@ pub fn parse_read(input: &[u8]) -> Parsed {
         return Parsed::Fallback;
     };
     let mut close = false;
+    let mut body_len = None;
     // Usually none of the fields a read looks at is present: `new` allocates nothing.
     let mut headers = HeaderMap::new();
     for f in req.headers.iter() {
         let name = f.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            if f.value.trim_ascii() != b"0" {
+            // One plain decimal length, as RFC 9112 § 6.3 allows; anything else (a list,
+            // a repeat, a sign) is hyper's to judge.
+            let Some(n) = decimal(f.value.trim_ascii()) else {
+                return Parsed::Fallback;
+            };
+            if body_len.replace(n).is_some() {
                 return Parsed::Fallback;
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
@@ -120,7 +137,7 @@ pub fn parse_read(input: &[u8]) -> Parsed {
                 }
             }
         }
-        let Some(field) = RECORD_READ_FIELDS
+        let Some(field) = wanted
             .iter()
             .find(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()))
         else {
@@ -131,21 +148,40 @@ pub fn parse_read(input: &[u8]) -> Parsed {
         };
         headers.append(field.clone(), value);
     }
+    let body_len = match (method == Method::PUT, body_len) {
+        (false, None | Some(0)) => 0,
+        (true, Some(n)) if n <= max_body => n,
+        // A read with a body, a PUT without a length or over the limit.
+        _ => return Parsed::Fallback,
+    };
+    if input.len() - head_len < body_len {
+        return Parsed::Body;
+    }
     // Path, query, collection and id are subslices of `input`: their addresses give the
     // offsets.
     let at = |s: &str| {
         let start = s.as_ptr() as usize - input.as_ptr() as usize;
         start..start + s.len()
     };
-    Parsed::Read(ReadHead {
+    Parsed::Request(FastHead {
         method,
         path: at(path),
         collection: at(collection),
         id: at(id),
         query: query.map(at),
         headers,
-        head_len,
+        body: head_len..head_len + body_len,
         close,
+    })
+}
+
+/// A `Content-Length` value of ASCII digits only, that fits a `usize`.
+fn decimal(v: &[u8]) -> Option<usize> {
+    if v.is_empty() || v.len() > 15 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0usize, |n, &d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
     })
 }
 
@@ -223,6 +259,20 @@ pub fn encode_response(
     }
 }
 
+/// Collects a handler's response and writes it with [`encode_response`]; its status, or
+/// `None` when its body failed.
+async fn encode_general(
+    resp: http::Response<crate::http::body::Body>,
+    head_only: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Option<u16> {
+    let (parts, body) = resp.into_parts();
+    let body: Bytes = body.collect().await.ok()?.to_bytes();
+    encode_response(&parts, &body, head_only, close, &date_now(), out);
+    Some(parts.status.as_u16())
+}
+
 /// Appends `Date`, `Connection: close` when closing, and the blank line.
 fn end_head(out: &mut Vec<u8>, date: &[u8; 29], close: bool) {
     push_field(out, b"date", date);
@@ -272,13 +322,18 @@ impl App {
             if *shutdown.borrow() {
                 return None;
             }
-            // The head must be complete by the deadline; an idle connection gets as long.
+            // The request (a PUT's body too) must be complete by the deadline; an idle
+            // connection gets as long.
             let deadline = Instant::now() + head_timeout;
+            let mut in_flight = false;
             let head = loop {
                 if !input.is_empty() {
-                    match parse_read(&input) {
-                        Parsed::Read(head) => break head,
+                    // The limit as of this request (a reload may change it while idle).
+                    let max_body = self.settings.load().max_body.min(MAX_FAST_BODY);
+                    match parse_request(&input, max_body) {
+                        Parsed::Request(head) => break head,
                         Parsed::Partial if input.len() < max_head => {}
+                        Parsed::Body => in_flight = true,
                         Parsed::Partial | Parsed::Fallback => {
                             return Some(Handoff {
                                 stream: client,
@@ -301,12 +356,14 @@ impl App {
                 if input.is_empty() {
                     bufs::give(std::mem::take(&mut input));
                 }
+                // Shutting down drops a connection between requests, but a PUT whose body
+                // is arriving is in flight: it gets until its deadline, as on hyper's path.
                 let ready = tokio::select! {
                     r = tokio::time::timeout_at(deadline, client.readable()) => r,
-                    _ = wait_for(&mut shutdown) => return None,
+                    _ = wait_for(&mut shutdown), if !in_flight => return None,
                 };
                 if !matches!(ready, Ok(Ok(()))) {
-                    // Broken, or too slow with its head (slowloris): drop it.
+                    // Broken, or too slow with its head or body (slowloris): drop it.
                     return None;
                 }
             };
@@ -321,24 +378,37 @@ impl App {
             if !sent || head.close {
                 return None;
             }
-            input.drain(..head.head_len);
+            input.drain(..head.body.end);
             if input.is_empty() {
                 bufs::give(std::mem::take(&mut input));
             }
         }
     }
 
-    /// Answers one read into `out`; false when the response could not be produced (its
+    /// Answers one request into `out`; false when the response could not be produced (its
     /// body failed), so the connection must close.
     async fn answer(
         &self,
         input: &[u8],
-        head: &ReadHead,
+        head: &FastHead,
         peer: SocketAddr,
         out: &mut Vec<u8>,
     ) -> bool {
         let text = |r: &Range<usize>| std::str::from_utf8(&input[r.clone()]).unwrap_or("");
         let started = std::time::Instant::now();
+        if head.method == Method::PUT {
+            let body = Bytes::copy_from_slice(&input[head.body.clone()]);
+            let resp = self
+                .put_record(&head.headers, text(&head.collection), text(&head.id), body)
+                .await;
+            let Some(status) = encode_general(resp, false, head.close, out).await else {
+                return false;
+            };
+            let log_path = self.settings.load().access_log.then(|| text(&head.path));
+            self.account("record", &head.method, log_path, status, started, peer);
+            self.fast_writes.inc();
+            return true;
+        }
         let read = self
             .read_record(
                 &head.headers,
@@ -371,13 +441,10 @@ impl App {
                     Ok(read) => read.into_response(&head.method),
                     Err(problem) => problem.into_response(),
                 };
-                let (parts, body) = resp.into_parts();
-                let body: Bytes = match body.collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(_) => return false,
-                };
-                encode_response(&parts, &body, head_only, head.close, &date_now(), out);
-                parts.status.as_u16()
+                match encode_general(resp, head_only, head.close, out).await {
+                    Some(status) => status,
+                    None => return false,
+                }
             }
         };
         let log_path = self.settings.load().access_log.then(|| text(&head.path));
@@ -391,9 +458,9 @@ impl App {
 mod tests {
     use super::*;
 
-    fn read(input: &[u8]) -> ReadHead {
-        match parse_read(input) {
-            Parsed::Read(h) => h,
+    fn read(input: &[u8]) -> FastHead {
+        match parse_request(input, 1024) {
+            Parsed::Request(h) => h,
             other => panic!("{other:?}"),
         }
     }
@@ -407,7 +474,7 @@ mod tests {
         assert_eq!(&input[h.path.clone()], b"/api/v1/users/42");
         assert_eq!(&input[h.query.clone().unwrap()], b"consistency=strong");
         assert_eq!(h.headers["if-none-match"], "\"7\"");
-        assert_eq!(h.head_len, input.len() - 3);
+        assert_eq!(h.body, input.len() - 3..input.len() - 3);
         assert!(!h.close);
         let h = read(b"HEAD /api/v1/c/id HTTP/1.1\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.method, Method::HEAD);
@@ -416,9 +483,42 @@ mod tests {
     }
 
     #[test]
+    fn takes_puts_with_one_plain_length_within_the_limit() {
+        let input = b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Type: application/json\r\nIf-Match: \"4\"\r\nX-Other: 1\r\nContent-Length: 7\r\n\r\n{\"a\":1}GET";
+        let h = read(input);
+        assert_eq!(h.method, Method::PUT);
+        assert_eq!(&input[h.body.clone()], b"{\"a\":1}");
+        assert_eq!(h.body.end, input.len() - 3);
+        assert_eq!(h.headers["content-type"], "application/json");
+        assert_eq!(h.headers["if-match"], "\"4\"");
+        assert_eq!(
+            h.headers.len(),
+            2,
+            "only the fields a PUT looks at are kept"
+        );
+        // The body is still arriving: the request is in flight.
+        assert!(matches!(
+            parse_request(&input[..input.len() - 6], 1024),
+            Parsed::Body
+        ));
+        // At the limit is fine; one byte over goes to hyper (which answers 413).
+        assert!(matches!(parse_request(input, 7), Parsed::Request(_)));
+        assert!(matches!(parse_request(input, 6), Parsed::Fallback));
+    }
+
+    #[test]
     fn leaves_everything_else_to_hyper() {
         for input in [
-            &b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"[..],
+            &b"PUT /api/v1/c/id HTTP/1.1\r\n\r\n"[..],
+            b"PUT /api/v1/c/id HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+            b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n{}",
+            b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}",
+            b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"PUT /api/v1/c/id HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+            b"PUT /api/v1/c HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            b"POST /api/v1/c HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            b"PATCH /api/v1/c/id HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
             b"GET /api/v1/c HTTP/1.1\r\n\r\n",
             b"GET /index.html HTTP/1.1\r\n\r\n",
             b"GET /api/v1/c/id HTTP/1.0\r\n\r\n",
@@ -433,13 +533,13 @@ mod tests {
             b"\x16\x03\x01garbage",
         ] {
             assert!(
-                matches!(parse_read(input), Parsed::Fallback),
+                matches!(parse_request(input, 1024), Parsed::Fallback),
                 "{}",
                 String::from_utf8_lossy(input)
             );
         }
         assert!(matches!(
-            parse_read(b"GET /api/v1/c/id HTTP/1.1\r\nHost: a"),
+            parse_request(b"GET /api/v1/c/id HTTP/1.1\r\nHost: a", 1024),
             Parsed::Partial
         ));
     }
@@ -451,7 +551,7 @@ mod tests {
             input.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
         }
         input.extend_from_slice(b"\r\n");
-        assert!(matches!(parse_read(&input), Parsed::Fallback));
+        assert!(matches!(parse_request(&input, 1024), Parsed::Fallback));
     }
 
     fn parts(status: StatusCode, fields: &[(&str, &str)]) -> http::response::Parts {
@@ -530,7 +630,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
-            let _ = parse_read(&bytes);
+            let _ = parse_request(&bytes, 1024);
         }
 
         #[test]
@@ -551,7 +651,7 @@ mod tests {
             proptest::prop_assert_eq!(text(h.collection), collection);
             proptest::prop_assert_eq!(text(h.id), id);
             proptest::prop_assert_eq!(h.query.map(text), query);
-            proptest::prop_assert_eq!(h.head_len, input.len());
+            proptest::prop_assert_eq!(h.body, input.len()..input.len());
         }
     }
 }
