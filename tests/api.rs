@@ -10,40 +10,14 @@ async fn data_api_suite_embedded() {
     common::suite::all(&node.url(), 64 << 10).await;
 }
 
-/// `strata_app_fast_path_reads_total` from the node's metrics.
+/// Reads answered by the app's fast path, from the node's metrics.
 async fn fast_reads(node: &Node) -> u64 {
-    let text = common::client()
-        .get(format!("{}/metrics", node.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("strata_app_fast_path_reads_total "))
-        .unwrap_or_else(|| panic!("no fast path counter in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    node.metric("strata_app_fast_path_reads_total").await as u64
 }
 
-/// `strata_app_fast_path_writes_total` from the node's metrics.
+/// PUTs answered by the app's fast path, from the node's metrics.
 async fn fast_writes(node: &Node) -> u64 {
-    let text = common::client()
-        .get(format!("{}/metrics", node.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("strata_app_fast_path_writes_total "))
-        .unwrap_or_else(|| panic!("no fast path counter in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    node.metric("strata_app_fast_path_writes_total").await as u64
 }
 
 /// Reads one HTTP/1.1 response (head and Content-Length body) from `s`; `head_only` for

@@ -152,6 +152,24 @@ impl Node {
         format!("http://{}", self.app.expect("app role"))
     }
 
+    /// One sample of the node's Prometheus metrics, by its full name (with `_total`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = client()
+            .get(format!("{}/metrics", self.admin_url()))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
     /// `http://addr` of the admin listener.
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.admin)
