@@ -65,16 +65,19 @@ impl Balancer {
             }
             let mut bufs = Bufs::take();
             let deadline = Instant::now() + head_timeout;
-            let pool = self.pool.load_full();
-            let info = loop {
+            let (info, pool) = loop {
                 if !input.is_empty() {
+                    // The pool as of this request: loaded once its bytes are here, not when
+                    // the connection started waiting for it, so a request that arrives
+                    // after a reload is never routed by the config before it.
+                    let pool = self.pool.load_full();
                     bufs.up_req.clear();
                     let key = |f: &[httparse::Header<'_>]| {
                         let k = pool.key.as_ref()?;
                         k.hash_fields(f.iter().map(|h| (h.name.as_bytes(), h.value)))
                     };
                     match h1::prepare_request(&input, &fwd, key, &mut bufs.up_req) {
-                        RequestPrep::Ready(i) => break i,
+                        RequestPrep::Ready(i) => break (i, pool),
                         RequestPrep::Fallback => {
                             bufs.give_back();
                             return Some(Handoff {
