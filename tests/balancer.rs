@@ -675,6 +675,38 @@ async fn reload_adds_and_removes_backends_under_load() {
     assert_eq!(s["backends"].as_array().unwrap().len(), 2, "{s}");
 }
 
+/// A request whose first bytes arrived before a reload and the rest after it is routed by
+/// the new config: the balancer takes the pool when the request is whole, not when its
+/// connection started waiting for it (a request after a reload once went to a removed
+/// backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_completed_after_a_reload_uses_the_new_backends() {
+    use std::io::{Read, Write};
+    let apps = [App::start("app1").await, App::start("app2").await];
+    let lb = Lb::start(&[(apps[0].addr, 1)], "").await;
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // One whole request and the start of the next, in one write.
+    s.write_all(b"GET /api/v1/who/me HTTP/1.1\r\nHost: x\r\n\r\nGET /api/v1/wh")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("app1") {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    // app1 leaves, app2 comes; then the second request completes.
+    lb.reconfigure(&[(apps[1].addr, 1)], "").await;
+    s.write_all(b"o/me HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    assert!(rest.contains("app2"), "routed by the old pool: {rest}");
+}
+
 /// A backend that answers plain requests with 200 and echoes bytes after an upgrade.
 async fn upgrade_echo_backend() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
