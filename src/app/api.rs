@@ -23,6 +23,8 @@ use crate::storage::{
 
 /// Header carrying a write's LSN: the consistency token read replicas will honour.
 pub const LSN_HEADER: &str = "strata-lsn";
+/// [`LSN_HEADER`] as a header name.
+static LSN_HEADER_NAME: HeaderName = HeaderName::from_static(LSN_HEADER);
 
 /// Storage as the handlers see it: the store, and the app's record cache when it is on.
 /// Writes go through [`Data::write`], which drops the written keys from the cache once
@@ -246,51 +248,24 @@ fn not_modified(headers: &HeaderMap, record: &Record) -> bool {
     false
 }
 
-fn record_headers(resp: &mut Response<Body>, record: &Record) {
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::ETAG, etag_header(record.lsn));
-    h.insert(
-        header::LAST_MODIFIED,
-        crate::http::date::http_date_header(record.updated_ms / 1000),
-    );
-}
-
 /// `"<lsn>"` as a header value, without going through `fmt` (every record read sends one).
 pub(crate) fn etag_header(lsn: u64) -> HeaderValue {
-    let mut digits = itoa::Buffer::new();
-    let digits = digits.format(lsn).as_bytes();
-    let mut buf = [b'"'; 22];
-    buf[1..=digits.len()].copy_from_slice(digits);
-    HeaderValue::from_bytes(&buf[..digits.len() + 2])
-        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+    let mut buf = [0u8; ETAG_MAX];
+    let n = etag_bytes(lsn, &mut buf);
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
-/// Puts a write's consistency token on its response: the LSN in `Strata-LSN` (as
-/// before) and `epoch.lsn` in the `strata-lsn` cookie, which browsers send back on later
-/// reads so those never see data older than the write.
-/// Built without `fmt`: every write answers with both.
-fn lsn_header(resp: &mut Response<Body>, committed: &Committed) {
-    resp.headers_mut().insert(
-        HeaderName::from_static(LSN_HEADER),
-        HeaderValue::from(committed.lsn),
-    );
-    const ATTRIBUTES: &[u8] = b"; Path=/; Max-Age=300; SameSite=Lax; HttpOnly";
-    let (mut epoch, mut lsn) = (itoa::Buffer::new(), itoa::Buffer::new());
-    let (epoch, lsn) = (epoch.format(committed.epoch), lsn.format(committed.lsn));
-    let mut cookie = Vec::with_capacity(LSN_HEADER.len() + epoch.len() + lsn.len() + 50);
-    cookie.extend_from_slice(LSN_HEADER.as_bytes());
-    cookie.push(b'=');
-    cookie.extend_from_slice(epoch.as_bytes());
-    cookie.push(b'.');
-    cookie.extend_from_slice(lsn.as_bytes());
-    cookie.extend_from_slice(ATTRIBUTES);
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(cookie)) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
+/// Longest `"<lsn>"`: 20 digits and two quotes.
+const ETAG_MAX: usize = 22;
+
+/// Writes `"<lsn>"` into `buf`; returns its length.
+fn etag_bytes(lsn: u64, buf: &mut [u8; ETAG_MAX]) -> usize {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(lsn).as_bytes();
+    buf[0] = b'"';
+    buf[1..=digits.len()].copy_from_slice(digits);
+    buf[digits.len() + 1] = b'"';
+    digits.len() + 2
 }
 
 /// Parses a consistency token: `epoch.lsn` or a bare `lsn` (any epoch).
@@ -466,35 +441,115 @@ impl RecordRead {
     }
 }
 
-/// The response to a write of one record.
-fn written(committed: &Committed, key: &Key, status_if_created: StatusCode) -> Response<Body> {
-    let result = committed.results.first();
-    let created = result.is_some_and(|r| r.created);
-    let mut resp = match result.and_then(|r| r.record.as_ref()) {
-        Some(record) => {
-            let mut resp = Response::new(body::full(record.body.clone()));
-            record_headers(&mut resp, record);
-            resp
-        }
-        None => Response::new(body::empty()),
-    };
-    *resp.status_mut() = match result.and_then(|r| r.record.as_ref()) {
-        None => StatusCode::NO_CONTENT,
-        Some(_) if created => status_if_created,
-        Some(_) => StatusCode::OK,
-    };
-    if created {
-        let mut location = String::with_capacity(8 + key.collection().len() + key.id().len());
-        location.push_str("/api/v1/");
-        location.push_str(key.collection());
-        location.push('/');
-        location.push_str(key.id());
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(location)) {
-            resp.headers_mut().insert(header::LOCATION, v);
+/// The answer to a write of one record, decided once and rendered by the hyper path
+/// ([`Written::into_response`]) or written directly by the app's fast path
+/// ([`Written::fields`]), so both send the same fields.
+pub struct Written<'a> {
+    /// 200, 204 (a delete) or the status for a record the write created.
+    pub status: StatusCode,
+    /// The record as stored, sent back as the body; `None` after a delete.
+    pub record: Option<&'a Record>,
+    committed: &'a Committed,
+    key: &'a Key,
+    created: bool,
+}
+
+impl<'a> Written<'a> {
+    /// The answer to `committed`, a one-write batch on `key`.
+    pub fn new(committed: &'a Committed, key: &'a Key, status_if_created: StatusCode) -> Self {
+        let result = committed.results.first();
+        let record = result.and_then(|r| r.record.as_ref());
+        let created = result.is_some_and(|r| r.created);
+        let status = match record {
+            None => StatusCode::NO_CONTENT,
+            Some(_) if created => status_if_created,
+            Some(_) => StatusCode::OK,
+        };
+        Written {
+            status,
+            record,
+            committed,
+            key,
+            created,
         }
     }
-    lsn_header(&mut resp, committed);
-    resp
+
+    /// Calls `field` with each field of the answer, in order (the framing fields,
+    /// `Content-Length` and `Date`, are the writer's): the record's type, `ETag` and
+    /// `Last-Modified`; `Location` when created; the consistency token
+    /// ([`token_fields`]). Built without `fmt`: every write answers with all of them.
+    pub fn fields(&self, mut field: impl FnMut(&HeaderName, &[u8])) {
+        if let Some(record) = self.record {
+            field(&header::CONTENT_TYPE, b"application/json");
+            let mut etag = [0u8; ETAG_MAX];
+            let n = etag_bytes(record.lsn, &mut etag);
+            field(&header::ETAG, &etag[..n]);
+            field(
+                &header::LAST_MODIFIED,
+                &crate::http::date::imf_fixdate(record.updated_ms / 1000),
+            );
+        }
+        if self.created {
+            let (c, id) = (self.key.collection(), self.key.id());
+            let mut location = Vec::with_capacity(9 + c.len() + id.len());
+            location.extend_from_slice(b"/api/v1/");
+            location.extend_from_slice(c.as_bytes());
+            location.push(b'/');
+            location.extend_from_slice(id.as_bytes());
+            field(&header::LOCATION, &location);
+        }
+        token_fields(self.committed, field);
+    }
+
+    /// The answer as a response for the hyper path.
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(match self.record {
+            Some(record) => body::full(record.body.clone()),
+            None => body::empty(),
+        });
+        *resp.status_mut() = self.status;
+        let headers = resp.headers_mut();
+        self.fields(|name, value| {
+            // Every value is ASCII made here or a valid key: always accepted.
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                headers.append(name.clone(), v);
+            }
+        });
+        resp
+    }
+}
+
+/// Calls `field` with a write's consistency token: the LSN as `Strata-LSN`, and
+/// `epoch.lsn` as the `strata-lsn` cookie, which browsers send back on later reads so
+/// those never see data older than the write.
+fn token_fields(committed: &Committed, mut field: impl FnMut(&HeaderName, &[u8])) {
+    let (mut epoch, mut lsn) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (epoch, lsn) = (epoch.format(committed.epoch), lsn.format(committed.lsn));
+    field(&LSN_HEADER_NAME, lsn.as_bytes());
+    const ATTRIBUTES: &[u8] = b"; Path=/; Max-Age=300; SameSite=Lax; HttpOnly";
+    let mut cookie = Vec::with_capacity(LSN_HEADER.len() + epoch.len() + lsn.len() + 50);
+    cookie.extend_from_slice(LSN_HEADER.as_bytes());
+    cookie.push(b'=');
+    cookie.extend_from_slice(epoch.as_bytes());
+    cookie.push(b'.');
+    cookie.extend_from_slice(lsn.as_bytes());
+    cookie.extend_from_slice(ATTRIBUTES);
+    field(&header::SET_COOKIE, &cookie);
+}
+
+/// Adds a write's consistency token ([`token_fields`]) to a response.
+fn lsn_header(resp: &mut Response<Body>, committed: &Committed) {
+    let headers = resp.headers_mut();
+    token_fields(committed, |name, value| {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            headers.append(name.clone(), v);
+        }
+    });
+}
+
+/// The response to a write of one record (see [`Written`]).
+fn written(committed: &Committed, key: &Key, status_if_created: StatusCode) -> Response<Body> {
+    Written::new(committed, key, status_if_created).into_response()
 }
 
 /// PUT: create or replace.
@@ -509,7 +564,8 @@ pub async fn put_record(
     let key = Key::new(collection, id).map_err(bad_key)?;
     let precondition = write_precondition(headers)?.unwrap_or_default();
     let bytes = read_json(headers, body, settings, false).await?;
-    put(store, key, precondition, bytes).await
+    let committed = put(store, &key, precondition, bytes).await?;
+    Ok(written(&committed, &key, StatusCode::CREATED))
 }
 
 /// The request fields a record PUT looks at besides its body: the token, the content
@@ -523,31 +579,36 @@ pub static RECORD_WRITE_FIELDS: [HeaderName; 4] = [
 ];
 
 /// PUT whose body the caller has already read whole, within the app's body limit (the
-/// fast path): the same checks, in the same order, as [`put_record`].
+/// fast path): the same checks, in the same order, as [`put_record`]. Returns the
+/// committed batch and the key, for the caller to answer with [`Written`].
 pub async fn put_record_body(
     store: &Data<'_>,
     headers: &HeaderMap,
     body: Bytes,
     collection: &str,
     id: &str,
-) -> ApiResult {
+) -> Result<(Committed, Key), Box<Problem>> {
     let key = Key::new(collection, id).map_err(bad_key)?;
     let precondition = write_precondition(headers)?.unwrap_or_default();
     check_json_type(headers, false)?;
     check_json_syntax(&body)?;
-    put(store, key, precondition, body).await
+    Ok((put(store, &key, precondition, body).await?, key))
 }
 
-async fn put(store: &Data<'_>, key: Key, precondition: Precondition, body: Bytes) -> ApiResult {
-    let committed = store
+async fn put(
+    store: &Data<'_>,
+    key: &Key,
+    precondition: Precondition,
+    body: Bytes,
+) -> Result<Committed, Box<Problem>> {
+    store
         .write(vec![Write {
             key: key.clone(),
             op: WriteOp::Put(body),
             precondition,
         }])
         .await
-        .map_err(storage_problem)?;
-    Ok(written(&committed, &key, StatusCode::CREATED))
+        .map_err(storage_problem)
 }
 
 /// POST to a collection: create with a server-made, time-ordered id (a ULID).

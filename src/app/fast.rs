@@ -27,7 +27,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::api::{RecordRead, RECORD_READ_FIELDS, RECORD_WRITE_FIELDS};
+use super::api::{RecordRead, Written, RECORD_READ_FIELDS, RECORD_WRITE_FIELDS};
 use super::cache::CachedRecord;
 use super::router::{self, Endpoint};
 use super::App;
@@ -239,17 +239,44 @@ pub fn encode_response(
     date: &[u8; 29],
     out: &mut Vec<u8>,
 ) {
-    let status = parts.status;
+    status_line(parts.status, out);
+    for (name, value) in &parts.headers {
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let has_length = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+    finish(parts.status, has_length, body, head_only, close, date, out);
+}
+
+/// Writes the answer to a record write straight from its fields: the same bytes
+/// [`encode_response`] makes of [`Written::into_response`], without building a response.
+pub fn encode_written(written: &Written<'_>, close: bool, date: &[u8; 29], out: &mut Vec<u8>) {
+    status_line(written.status, out);
+    written.fields(|name, value| push_field(out, name.as_str().as_bytes(), value));
+    let body = written.record.map_or(&b""[..], |r| &r.body[..]);
+    finish(written.status, false, body, false, close, date, out);
+}
+
+fn status_line(status: StatusCode, out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        push_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
+}
+
+/// The end of a head after its fields (`Content-Length` unless present or forbidden,
+/// `Date`, `Connection: close`), then the body unless `head_only` or forbidden.
+fn finish(
+    status: StatusCode,
+    has_length: bool,
+    body: &[u8],
+    head_only: bool,
+    close: bool,
+    date: &[u8; 29],
+    out: &mut Vec<u8>,
+) {
     let bodiless = status == StatusCode::NOT_MODIFIED || status == StatusCode::NO_CONTENT;
-    if !bodiless && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+    if !bodiless && !has_length {
         let mut digits = itoa::Buffer::new();
         push_field(out, b"content-length", digits.format(body.len()).as_bytes());
     }
@@ -398,11 +425,21 @@ impl App {
         let started = std::time::Instant::now();
         if head.method == Method::PUT {
             let body = Bytes::copy_from_slice(&input[head.body.clone()]);
-            let resp = self
+            let put = self
                 .put_record(&head.headers, text(&head.collection), text(&head.id), body)
                 .await;
-            let Some(status) = encode_general(resp, false, head.close, out).await else {
-                return false;
+            let status = match put {
+                Ok((committed, key)) => {
+                    let written = Written::new(&committed, &key, StatusCode::CREATED);
+                    encode_written(&written, head.close, &date_now(), out);
+                    written.status.as_u16()
+                }
+                Err(problem) => {
+                    match encode_general(problem.into_response(), false, head.close, out).await {
+                        Some(status) => status,
+                        None => return false,
+                    }
+                }
             };
             let log_path = self.settings.load().access_log.then(|| text(&head.path));
             self.account("record", &head.method, log_path, status, started, peer);
@@ -623,6 +660,58 @@ mod tests {
             assert_eq!(
                 String::from_utf8_lossy(&fast),
                 String::from_utf8_lossy(&general)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_is_written_as_the_hyper_path_would_answer() {
+        use crate::storage::{Committed, Key, WriteResult};
+        let record = crate::storage::Record {
+            body: Bytes::from_static(b"{\"v\":2}"),
+            lsn: 41,
+            created_ms: 1_700_000_000_000,
+            updated_ms: 1_700_000_123_456,
+        };
+        let key = Key::new("notes", "a-1").unwrap();
+        let date = *b"Sat, 28 Nov 2026 17:00:00 GMT";
+        for (stored, created, close) in [
+            (Some(record.clone()), true, false),
+            (Some(record), false, true),
+            (None, false, false),
+        ] {
+            let committed = Committed {
+                lsn: 41,
+                epoch: 3,
+                results: vec![WriteResult {
+                    record: stored,
+                    created,
+                }],
+            };
+            let written = Written::new(&committed, &key, StatusCode::CREATED);
+            let mut fast = Vec::new();
+            encode_written(&written, close, &date, &mut fast);
+            let (parts, body) = written.into_response().into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            let mut general = Vec::new();
+            encode_response(&parts, &body, false, close, &date, &mut general);
+            let fast = String::from_utf8_lossy(&fast);
+            assert_eq!(fast, String::from_utf8_lossy(&general));
+            let expect = match (created, body.is_empty()) {
+                (true, _) => "HTTP/1.1 201 Created\r\n",
+                (false, false) => "HTTP/1.1 200 OK\r\n",
+                (false, true) => "HTTP/1.1 204 No Content\r\n",
+            };
+            assert!(fast.starts_with(expect), "{fast}");
+            assert_eq!(
+                fast.contains("location: /api/v1/notes/a-1\r\n"),
+                created,
+                "{fast}"
+            );
+            assert!(fast.contains("strata-lsn: 41\r\n"), "{fast}");
+            assert!(
+                fast.contains("set-cookie: strata-lsn=3.41; Path=/"),
+                "{fast}"
             );
         }
     }

@@ -209,24 +209,21 @@ impl App {
     }
 
     /// A record PUT for the fast path ([`fast`]), its body read whole: authenticated and
-    /// answered by the same code as on the hyper path.
+    /// carried out by the same code as on the hyper path. Returns the committed batch and
+    /// its key for [`api::Written`], or the problem to answer.
     async fn put_record(
         &self,
         headers: &http::HeaderMap,
         collection: &str,
         id: &str,
         body: bytes::Bytes,
-    ) -> Response<Body> {
-        if let Err(p) = self.tokens.load().check(headers, Scope::Write) {
-            return p.into_response();
-        }
+    ) -> Result<(crate::storage::Committed, crate::storage::Key), Box<Problem>> {
+        self.tokens.load().check(headers, Scope::Write)?;
         let data = api::Data {
             store: &self.store,
             cache: self.cache.as_deref(),
         };
-        api::put_record_body(&data, headers, body, collection, id)
-            .await
-            .unwrap_or_else(|p| p.into_response())
+        api::put_record_body(&data, headers, body, collection, id).await
     }
 
     async fn dispatch(
