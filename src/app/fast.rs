@@ -1,7 +1,7 @@
 //! The app's HTTP/1.1 fast path for single records: `GET`/`HEAD` and `PUT` of
 //! `/api/v1/{collection}/{id}` from plain-HTTP/1.1 clients are parsed, answered and
 //! written here, without hyper's server machinery — the same work a cache hit otherwise
-//! spends a third of its time on, and a durable PUT a sixth.
+//! spends a third of its time on, and a durable PUT a third of its instructions.
 //!
 //! Only the request *framing* is ours. The answer comes from the same code as on the hyper
 //! path ([`App::read_record`]: token check, record cache, storage, conditional requests;
