@@ -310,11 +310,12 @@ fn decode_meta_u64(name: &str, v: &[u8]) -> Result<u64, EngineError> {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
-    what: &'a str,
+    /// What is being read, for errors; formatted only when there is one.
+    what: &'a dyn std::fmt::Display,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], what: &'a str) -> Self {
+    fn new(buf: &'a [u8], what: &'a dyn std::fmt::Display) -> Self {
         Reader { buf, pos: 0, what }
     }
 
@@ -387,7 +388,9 @@ fn encode_record(r: &Record) -> Vec<u8> {
     v
 }
 
-fn decode_record(value: sled::IVec, what: &str) -> Result<Record, EngineError> {
+/// Decodes a stored record; `what` names it in errors (and is formatted only for one:
+/// every read and write decodes a record).
+fn decode_record(value: sled::IVec, what: &dyn std::fmt::Display) -> Result<Record, EngineError> {
     let mut r = Reader::new(&value, what);
     let format = r.u8()?;
     if format != RECORD_FORMAT {
@@ -457,7 +460,7 @@ impl LogEntry {
     /// Parses an entry produced by [`LogEntry::encode`], verifying its checksum and that
     /// every key is a valid `collection/id`; any mismatch is [`EngineError::Corrupt`].
     pub fn decode(bytes: &[u8]) -> Result<LogEntry, EngineError> {
-        let mut r = Reader::new(bytes, "log entry");
+        let mut r = Reader::new(bytes, &"log entry");
         check_entry(bytes).map_err(|e| r.corrupt(e))?;
         r.take(ENTRY_HEADER)?;
         let epoch = r.u64()?;
@@ -691,7 +694,7 @@ impl Engine {
             .get(record_key(key))
             .map_err(|e| sled_err(&format!("get {key}"), e))?;
         value
-            .map(|v| decode_record(v, &format!("record {key}")))
+            .map(|v| decode_record(v, &format_args!("record {key}")))
             .transpose()
     }
 
@@ -743,7 +746,7 @@ impl Engine {
             let id = std::str::from_utf8(&k[id_start..])
                 .map_err(|_| EngineError::Corrupt(format!("record id in {collection} not UTF-8")))?
                 .to_owned();
-            let record = decode_record(v, &format!("record {collection}/{id}"))?;
+            let record = decode_record(v, &format_args!("record {collection}/{id}"))?;
             items.push((id, record));
         }
         let next = if more {
@@ -938,7 +941,7 @@ impl Engine {
                 .map_err(|_| EngineError::Corrupt("record key not UTF-8".into()))?
                 .to_owned();
             bytes += k.len() + v.len();
-            let record = decode_record(v, &format!("record {key}"))?;
+            let record = decode_record(v, &format_args!("record {key}"))?;
             out.push((key, record));
             if bytes >= max_bytes {
                 return Ok((out, Some(k.to_vec())));
@@ -1483,7 +1486,7 @@ impl Writer {
                 None => db
                     .get(&rk)
                     .map_err(|e| sled_err(&format!("get {}", w.key), e))?
-                    .map(|v| decode_record(v, &format!("record {}", w.key)))
+                    .map(|v| decode_record(v, &format_args!("record {}", w.key)))
                     .transpose()?,
             };
             let ok = match w.precondition {
@@ -1535,7 +1538,7 @@ impl Writer {
             };
             stage.overlay.insert(rk, record.clone());
             logged.push(LoggedWrite {
-                key: w.key.to_string(),
+                key: w.key.joined(),
                 value: record.clone(),
             });
             results.push(WriteResult {
