@@ -208,14 +208,7 @@ async fn two_apps_stay_coherent_through_the_change_feed() {
     let c = app_cache(&st);
     assert!(c["hits"].as_u64().unwrap() > 0 && c["entries"].as_u64().unwrap() > 0);
     assert_eq!(c["feed"]["source"], json!(r.to_string()));
-    let metrics = common::client()
-        .get(format!("http://{}/metrics", b.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = b.metrics_text().await;
     for m in [
         "strata_app_cache_hits",
         "strata_app_cache_misses",

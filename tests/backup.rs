@@ -262,14 +262,7 @@ async fn backup_of_a_replica_under_writes_restores_every_record() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let metrics = client()
-        .get(format!("{}/metrics", follower.admin_url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = follower.metrics_text().await;
     assert!(
         metrics.contains("strata_replication_snapshots_installed_total 0"),
         "the restored replica needed a snapshot"

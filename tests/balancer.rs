@@ -415,14 +415,7 @@ async fn killed_backend_is_retried_marked_down_and_returns() {
         &failures[..failures.len().min(5)]
     );
     assert!(ok > 400, "{ok}");
-    let metrics = client()
-        .get(format!("{}/metrics", lb.node.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = lb.node.metrics_text().await;
     for needle in [
         "strata_balancer_backend_requests_total{backend=",
         "strata_balancer_backend_errors_total{backend=",

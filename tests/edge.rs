@@ -1128,14 +1128,7 @@ async fn a_dead_upstream_is_skipped_and_counters_are_reported() {
     );
     assert!(st["hit_ratio"].as_f64().unwrap() > 0.0, "{st}");
     assert_eq!(st["bytes_from_cache"], 7, "{st}");
-    let metrics = common::client()
-        .get(format!("{}/metrics", node.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics_text().await;
     for name in [
         "strata_edge_hits 1",
         "strata_edge_misses",

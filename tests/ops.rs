@@ -210,14 +210,7 @@ async fn admin_endpoints_report_health_metrics_and_status() {
             .status(),
         StatusCode::OK
     );
-    let metrics = c
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics_text().await;
     for needle in [
         "strata_http_requests_total{role=\"app\",route=\"record\",status=\"201\"} 1",
         "strata_http_request_duration_seconds_bucket",

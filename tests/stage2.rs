@@ -107,24 +107,10 @@ async fn data_api_suite_remote_storage() {
         !app.dir.join("data").exists(),
         "an app with remote storage opens no engine of its own"
     );
-    let metrics = client()
-        .get(format!("{}/metrics", storage.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = storage.metrics_text().await;
     assert!(metrics.contains("strata_storage_connections"), "{metrics}");
     assert!(metrics.contains("strata_storage_records"), "{metrics}");
-    let app_metrics = client()
-        .get(format!("{}/metrics", app.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let app_metrics = app.metrics_text().await;
     assert!(
         app_metrics.contains("strata_storage_client_connections_up 4"),
         "{app_metrics}"

@@ -152,16 +152,21 @@ impl Node {
         format!("http://{}", self.app.expect("app role"))
     }
 
-    /// One sample of the node's Prometheus metrics, by its full name (with `_total`).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = client()
+    /// The node's Prometheus metrics, as text (admin listener, no token).
+    pub async fn metrics_text(&self) -> String {
+        client()
             .get(format!("{}/metrics", self.admin_url()))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("metrics text");
+            .expect("metrics text")
+    }
+
+    /// One sample of the node's Prometheus metrics, by its full name (with `_total`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .unwrap_or_else(|| panic!("no {name} in {text}"))
