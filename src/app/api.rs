@@ -480,6 +480,7 @@ impl<'a> Written<'a> {
     /// ([`token_fields`]). Built without `fmt`: every write answers with all of them.
     pub fn fields(&self, mut field: impl FnMut(&HeaderName, &[u8])) {
         if let Some(record) = self.record {
+            // The fields of `CachedRecord::head` (bar its length), made without `fmt`.
             field(&header::CONTENT_TYPE, b"application/json");
             let mut etag = [0u8; ETAG_MAX];
             let n = etag_bytes(record.lsn, &mut etag);
@@ -508,13 +509,7 @@ impl<'a> Written<'a> {
             None => body::empty(),
         });
         *resp.status_mut() = self.status;
-        let headers = resp.headers_mut();
-        self.fields(|name, value| {
-            // Every value is ASCII made here or a valid key: always accepted.
-            if let Ok(v) = HeaderValue::from_bytes(value) {
-                headers.append(name.clone(), v);
-            }
-        });
+        self.fields(append_to(resp.headers_mut()));
         resp
     }
 }
@@ -537,14 +532,15 @@ fn token_fields(committed: &Committed, mut field: impl FnMut(&HeaderName, &[u8])
     field(&header::SET_COOKIE, &cookie);
 }
 
-/// Adds a write's consistency token ([`token_fields`]) to a response.
-fn lsn_header(resp: &mut Response<Body>, committed: &Committed) {
-    let headers = resp.headers_mut();
-    token_fields(committed, |name, value| {
+/// The `field` sink of [`Written::fields`] and [`token_fields`] for a response built
+/// for hyper: appends each field to `headers`. Every value is ASCII made here or a valid
+/// key, so none is refused.
+fn append_to(headers: &mut HeaderMap) -> impl FnMut(&HeaderName, &[u8]) + '_ {
+    move |name, value| {
         if let Ok(v) = HeaderValue::from_bytes(value) {
             headers.append(name.clone(), v);
         }
-    });
+    }
 }
 
 /// The response to a write of one record (see [`Written`]).
@@ -947,6 +943,6 @@ pub async fn batch(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    lsn_header(&mut resp, &committed);
+    token_fields(&committed, append_to(resp.headers_mut()));
     Ok(resp)
 }

@@ -421,41 +421,51 @@ impl App {
         peer: SocketAddr,
         out: &mut Vec<u8>,
     ) -> bool {
-        let text = |r: &Range<usize>| std::str::from_utf8(&input[r.clone()]).unwrap_or("");
         let started = std::time::Instant::now();
-        if head.method == Method::PUT {
-            let body = Bytes::copy_from_slice(&input[head.body.clone()]);
-            let put = self
-                .put_record(&head.headers, text(&head.collection), text(&head.id), body)
-                .await;
-            let status = match put {
-                Ok((committed, key)) => {
-                    let written = Written::new(&committed, &key, StatusCode::CREATED);
-                    encode_written(&written, head.close, &date_now(), out);
-                    written.status.as_u16()
-                }
-                Err(problem) => {
-                    match encode_general(problem.into_response(), false, head.close, out).await {
-                        Some(status) => status,
-                        None => return false,
-                    }
-                }
-            };
-            let log_path = self.settings.load().access_log.then(|| text(&head.path));
-            self.account("record", &head.method, log_path, status, started, peer);
-            self.fast_writes.inc();
-            return true;
+        let (status, counter) = if head.method == Method::PUT {
+            (self.answer_put(input, head, out).await, &self.fast_writes)
+        } else {
+            (self.answer_read(input, head, out).await, &self.fast_reads)
+        };
+        let Some(status) = status else {
+            return false;
+        };
+        let log_path = self
+            .settings
+            .load()
+            .access_log
+            .then(|| text(input, &head.path));
+        self.account("record", &head.method, log_path, status, started, peer);
+        counter.inc();
+        true
+    }
+
+    /// A record PUT: written, or refused; its status.
+    async fn answer_put(&self, input: &[u8], head: &FastHead, out: &mut Vec<u8>) -> Option<u16> {
+        let body = Bytes::copy_from_slice(&input[head.body.clone()]);
+        let (collection, id) = (text(input, &head.collection), text(input, &head.id));
+        match self.put_record(&head.headers, collection, id, body).await {
+            Ok((committed, key)) => {
+                let written = Written::new(&committed, &key, StatusCode::CREATED);
+                encode_written(&written, head.close, &date_now(), out);
+                Some(written.status.as_u16())
+            }
+            Err(problem) => encode_general(problem.into_response(), false, head.close, out).await,
         }
+    }
+
+    /// A record GET or HEAD; its status, or `None` when the answer's body failed.
+    async fn answer_read(&self, input: &[u8], head: &FastHead, out: &mut Vec<u8>) -> Option<u16> {
         let read = self
             .read_record(
                 &head.headers,
-                head.query.as_ref().map(text),
-                text(&head.collection),
-                text(&head.id),
+                head.query.as_ref().map(|q| text(input, q)),
+                text(input, &head.collection),
+                text(input, &head.id),
             )
             .await;
         let head_only = head.method == Method::HEAD;
-        let status = match read {
+        match read {
             Ok(RecordRead {
                 found: Some(cached),
                 not_modified: false,
@@ -471,24 +481,22 @@ impl App {
                     &date,
                     out,
                 );
-                200
+                Some(200)
             }
             other => {
                 let resp = match other {
                     Ok(read) => read.into_response(&head.method),
                     Err(problem) => problem.into_response(),
                 };
-                match encode_general(resp, head_only, head.close, out).await {
-                    Some(status) => status,
-                    None => return false,
-                }
+                encode_general(resp, head_only, head.close, out).await
             }
-        };
-        let log_path = self.settings.load().access_log.then(|| text(&head.path));
-        self.account("record", &head.method, log_path, status, started, peer);
-        self.fast_reads.inc();
-        true
+        }
     }
+}
+
+/// The part of the input at `r` (parsed as UTF-8 by httparse and the router already).
+fn text<'a>(input: &'a [u8], r: &Range<usize>) -> &'a str {
+    std::str::from_utf8(&input[r.clone()]).unwrap_or("")
 }
 
 #[cfg(test)]
