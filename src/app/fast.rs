@@ -23,7 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -32,7 +32,7 @@ use super::cache::CachedRecord;
 use super::router::{self, Endpoint};
 use super::App;
 use crate::config::HttpLimits;
-use crate::http::fastio::{self, bufs, push_field, timed, HeadLimits};
+use crate::http::fastio::{self, bufs, push_field, timed, timed_at, HeadLimits};
 use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
 
 /// Most header fields a fast-path request may have; more go to hyper.
@@ -369,29 +369,28 @@ impl App {
                         }
                     }
                 }
-                // Read what is there; wait only when nothing is.
-                if input.capacity() == 0 {
+                if input.is_empty() {
+                    // Wait for the next request without holding a buffer.
+                    bufs::give(std::mem::take(&mut input));
+                    if !fastio::await_request(&client, deadline, &mut shutdown).await {
+                        return None;
+                    }
                     input = bufs::take();
                 }
+                // A poll read, not `try_read_buf`: a read that leaves space unfilled clears
+                // the socket's readiness, so the next wait costs no `recvfrom` that only
+                // says EAGAIN (one per request otherwise).
                 input.reserve(1024);
-                match client.try_read_buf(&mut input) {
-                    Ok(0) => return None,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return None,
-                }
-                if input.is_empty() {
-                    bufs::give(std::mem::take(&mut input));
-                }
                 // Shutting down drops a connection between requests, but a PUT whose body
                 // is arriving is in flight: it gets until its deadline, as on hyper's path.
-                let ready = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, client.readable()) => r,
+                let read = tokio::select! {
+                    r = timed_at(deadline, client.read_buf(&mut input)) => r,
                     _ = wait_for(&mut shutdown), if !in_flight => return None,
                 };
-                if !matches!(ready, Ok(Ok(()))) {
-                    // Broken, or too slow with its head or body (slowloris): drop it.
-                    return None;
+                match read {
+                    Some(Ok(n)) if n > 0 => {}
+                    // Closed, broken, or too slow with its head or body (slowloris).
+                    _ => return None,
                 }
             };
             let mut out = bufs::take();

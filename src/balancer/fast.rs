@@ -54,11 +54,7 @@ impl Balancer {
             // Wait for the next request without holding a buffer.
             if input.is_empty() {
                 let deadline = Instant::now() + head_timeout;
-                let ready = tokio::select! {
-                    r = tokio::time::timeout_at(deadline, client.readable()) => r,
-                    _ = wait_for(&mut shutdown) => return None,
-                };
-                if !matches!(ready, Ok(Ok(()))) {
+                if !fastio::await_request(&client, deadline, &mut shutdown).await {
                     return None;
                 }
                 input = bufs::take();

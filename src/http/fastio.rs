@@ -11,7 +11,7 @@ use futures_util::FutureExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::server::{FastPath, Handoff, Shutdown};
+use super::server::{wait_for, FastPath, Handoff, Shutdown};
 use crate::config::HttpLimits;
 
 /// The listener limits a fast path enforces itself, as hyper does on the general path.
@@ -60,6 +60,15 @@ pub async fn timed_at<F: Future>(deadline: Instant, fut: F) -> Option<F::Output>
         return Some(out);
     }
     tokio::time::timeout_at(deadline, fut).await.ok()
+}
+
+/// Waits, without holding a buffer, until an idle `client` sends something (or closes).
+/// False when `deadline` passes, the socket fails or shutdown begins: drop the connection.
+pub async fn await_request(client: &TcpStream, deadline: Instant, shutdown: &mut Shutdown) -> bool {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, client.readable()) => matches!(r, Ok(Ok(()))),
+        _ = wait_for(shutdown) => false,
+    }
 }
 
 /// Appends one `name: value` line of an HTTP/1.1 head.
