@@ -24,6 +24,7 @@ pub mod conn;
 pub mod engine;
 pub mod feed;
 pub mod inbox;
+pub mod journal;
 pub mod log_chunk;
 pub mod protocol;
 pub mod relay;
@@ -203,7 +204,7 @@ pub struct WriteResult {
     pub created: bool,
 }
 
-/// A batch that is durable (acknowledged only after flush + fsync).
+/// A batch that is durable (acknowledged only after its group is durable).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed {
     /// The LSN of the log entry that holds the whole batch.
