@@ -286,7 +286,7 @@ fn io_err(context: &str, e: std::io::Error) -> EngineError {
 fn journal_err(e: JournalError) -> EngineError {
     match e {
         JournalError::Malformed(..) => EngineError::Corrupt(e.to_string()),
-        JournalError::Io(..) => EngineError::Io(e.to_string()),
+        JournalError::Io(..) | JournalError::TooLarge(_) => EngineError::Io(e.to_string()),
     }
 }
 

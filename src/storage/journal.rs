@@ -62,6 +62,9 @@ pub enum JournalError {
     /// Reading or writing the file failed.
     #[error("{0}: {1}")]
     Io(&'static str, io::Error),
+    /// A group too large for one record (4 GiB).
+    #[error("a group of {0} bytes is too large for one journal record")]
+    TooLarge(usize),
     /// A record passed its checksum but does not decode: written by something else.
     #[error("journal record at offset {0} is malformed: {1}")]
     Malformed(u64, &'static str),
@@ -270,6 +273,9 @@ impl Journal {
         let mut payload = std::mem::take(&mut self.buf);
         payload.clear();
         encode_changes(changes, &mut payload);
+        if u32::try_from(payload.len()).is_err() {
+            return Err(JournalError::TooLarge(payload.len()));
+        }
         let mut record = Vec::with_capacity(RECORD_HEAD + payload.len());
         frame_record(self.cycle, &payload, &mut record);
         self.buf = payload;
