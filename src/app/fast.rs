@@ -33,7 +33,7 @@ use super::router::{self, Endpoint};
 use super::App;
 use crate::config::HttpLimits;
 use crate::http::fastio::{self, bufs, push_field, timed, timed_at, HeadLimits};
-use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
+use crate::http::server::{FastPath, Handoff, Shutdown};
 
 /// Most header fields a fast-path request may have; more go to hyper.
 const MAX_FIELDS: usize = 32;
@@ -339,12 +339,13 @@ impl App {
         self: Arc<Self>,
         mut client: TcpStream,
         peer: SocketAddr,
-        mut shutdown: Shutdown,
+        shutdown: Shutdown,
         head: HeadLimits,
     ) -> Option<Handoff> {
         let (head_timeout, max_head) = (head.timeout, head.max_bytes);
         // Buffers are taken per request and given back while the connection idles.
         let mut input: Vec<u8> = Vec::new();
+        let mut waits = fastio::Waits::new(&shutdown);
         loop {
             if *shutdown.borrow() {
                 return None;
@@ -372,7 +373,7 @@ impl App {
                 if input.is_empty() {
                     // Wait for the next request without holding a buffer.
                     bufs::give(std::mem::take(&mut input));
-                    if !fastio::await_request(&client, deadline, &mut shutdown).await {
+                    if !waits.request(&client, deadline).await {
                         return None;
                     }
                     input = bufs::take();
@@ -384,8 +385,9 @@ impl App {
                 // Shutting down drops a connection between requests, but a PUT whose body
                 // is arriving is in flight: it gets until its deadline, as on hyper's path.
                 let read = tokio::select! {
+                    biased;
                     r = timed_at(deadline, client.read_buf(&mut input)) => r,
-                    _ = wait_for(&mut shutdown), if !in_flight => return None,
+                    _ = waits.stopping(), if !in_flight => return None,
                 };
                 match read {
                     Some(Ok(n)) if n > 0 => {}

@@ -23,7 +23,7 @@ use super::{health, no_backend, problem_for, Balancer, StatusLabel, MAX_ATTEMPTS
 use crate::config::HttpLimits;
 use crate::http::fastio::{self, bufs, timed, timed_at, HeadLimits, READ_CHUNK};
 use crate::http::problem::Problem;
-use crate::http::server::{wait_for, FastPath, Handoff, Shutdown};
+use crate::http::server::{FastPath, Handoff, Shutdown};
 use crate::proxy::client::RawConn;
 use crate::proxy::h1::{self, ChunkedEnd, Framing, RequestInfo, RequestPrep, ResponsePrep};
 use crate::proxy::headers::{self, Forwarding};
@@ -39,7 +39,7 @@ impl Balancer {
         self: Arc<Self>,
         mut client: TcpStream,
         peer: SocketAddr,
-        mut shutdown: Shutdown,
+        shutdown: Shutdown,
         head: HeadLimits,
     ) -> Option<Handoff> {
         let (head_timeout, max_head) = (head.timeout, head.max_bytes);
@@ -47,6 +47,7 @@ impl Balancer {
         // Buffers are taken per request and given back while the connection idles, so an
         // idle connection holds none.
         let mut input: Vec<u8> = Vec::new();
+        let mut waits = fastio::Waits::new(&shutdown);
         loop {
             if *shutdown.borrow() {
                 return None;
@@ -54,7 +55,7 @@ impl Balancer {
             // Wait for the next request without holding a buffer.
             if input.is_empty() {
                 let deadline = Instant::now() + head_timeout;
-                if !fastio::await_request(&client, deadline, &mut shutdown).await {
+                if !waits.request(&client, deadline).await {
                     return None;
                 }
                 input = bufs::take();
@@ -93,8 +94,9 @@ impl Balancer {
                 }
                 input.reserve(READ_CHUNK);
                 let read = tokio::select! {
+                    biased;
                     r = timed_at(deadline, client.read_buf(&mut input)) => r,
-                    _ = wait_for(&mut shutdown) => return None,
+                    _ = waits.stopping() => return None,
                 };
                 match read {
                     Some(Ok(n)) if n > 0 => {}

@@ -3,13 +3,14 @@
 //! future is ready at once.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::server::{wait_for, FastPath, Handoff, Shutdown};
 use crate::config::HttpLimits;
@@ -62,12 +63,53 @@ pub async fn timed_at<F: Future>(deadline: Instant, fut: F) -> Option<F::Output>
     tokio::time::timeout_at(deadline, fut).await.ok()
 }
 
-/// Waits, without holding a buffer, until an idle `client` sends something (or closes).
-/// False when `deadline` passes, the socket fails or shutdown begins: drop the connection.
-pub async fn await_request(client: &TcpStream, deadline: Instant, shutdown: &mut Shutdown) -> bool {
-    tokio::select! {
-        r = tokio::time::timeout_at(deadline, client.readable()) => matches!(r, Ok(Ok(()))),
-        _ = wait_for(shutdown) => false,
+/// What a fast-path connection waits on between requests, made once per connection: an
+/// idle timer that each wait moves forward and one shutdown future. A timeout and a watch
+/// subscription made per wait cost ~1.8k instructions per request (callgrind, app PUT):
+/// a timer-wheel insert and remove, a waiter added to and removed from the watch's list.
+/// Moving a registered timer later is a store; the wheel re-files it when it comes due.
+pub struct Waits {
+    idle: Pin<Box<Sleep>>,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    stopped: bool,
+}
+
+impl Waits {
+    /// Waits for `shutdown`, which stays untouched for the caller's own checks.
+    pub fn new(shutdown: &Shutdown) -> Self {
+        let mut rx = shutdown.clone();
+        Waits {
+            idle: Box::pin(tokio::time::sleep_until(Instant::now())),
+            stop: Box::pin(async move { wait_for(&mut rx).await }),
+            stopped: false,
+        }
+    }
+
+    /// Waits, without holding a buffer, until an idle `client` sends something (or
+    /// closes). False when `deadline` passes, the socket fails or shutdown begins: drop
+    /// the connection.
+    pub async fn request(&mut self, client: &TcpStream, deadline: Instant) -> bool {
+        if self.stopped {
+            return false;
+        }
+        self.idle.as_mut().reset(deadline);
+        tokio::select! {
+            biased;
+            r = client.readable() => r.is_ok(),
+            _ = self.idle.as_mut() => false,
+            _ = self.stop.as_mut() => {
+                self.stopped = true;
+                false
+            }
+        }
+    }
+
+    /// Resolves once shutdown has begun; for a `select!` branch.
+    pub async fn stopping(&mut self) {
+        if !self.stopped {
+            self.stop.as_mut().await;
+            self.stopped = true;
+        }
     }
 }
 

@@ -36,7 +36,7 @@ pub fn record_from_wire(r: WireRecord) -> Record {
 /// A write for the wire.
 pub fn write_to_wire(w: &Write) -> WireWrite {
     WireWrite {
-        key: w.key.to_string(),
+        key: w.key.joined(),
         body: match &w.op {
             WriteOp::Put(b) => Some(b.to_vec()),
             WriteOp::Delete => None,
