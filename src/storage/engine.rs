@@ -161,10 +161,11 @@ pub struct LoggedWrite {
 /// register clones of these while the engine keeps updating the originals.
 #[derive(Clone, Debug)]
 pub struct EngineMetrics {
-    /// Client batches made durable by one group commit (one journal write + fdatasync): how well the
-    /// fsync cost is amortised under load.
+    /// Client batches made durable by one group commit (one journal write + fdatasync):
+    /// how well the fsync cost is amortised under load.
     pub group_size: Histogram,
-    /// Seconds one group commit's journal write + fdatasync took (a checkpoint's sled flush too); the floor of write latency.
+    /// Seconds one group commit's journal write + fdatasync took (and each checkpoint's
+    /// sled flush); the floor of write latency.
     pub flush_seconds: Histogram,
     /// Group commits (journal write + fdatasync rounds) performed.
     pub groups: Counter,
@@ -1122,7 +1123,7 @@ struct Writer {
     journal: Journal,
 }
 
-/// A group being assembled: the sled batch, what it has staged per record key, and the
+/// A group being assembled: its sled changes, what it has staged per record key, and the
 /// LSN the next client batch gets.
 struct Stage {
     /// The group's sled changes in order: journaled, then applied.
