@@ -33,6 +33,7 @@ use super::protocol::{self, Message, Purpose, Request, Response};
 use super::store::StoreError;
 use super::{wire, Committed, Key, ListPage, ListQuery, Record, Write};
 use crate::config::RemoteStorage;
+use crate::http::fastio::timed;
 use crate::http::server::{wait_for, Shutdown};
 
 /// First wait before reconnecting; doubles per failure up to [`MAX_BACKOFF`].
@@ -873,10 +874,14 @@ async fn connect(shared: &Shared) -> Result<Arc<Conn>, ConnError> {
 /// Hands each answer to the request waiting for it, until the connection ends.
 async fn read_loop(mut fr: FrameReader<tokio::io::ReadHalf<BoxStream>>, conn: Arc<Conn>) {
     let mut closed = conn.closed.subscribe();
+    // One wait for the close for the whole loop, not a watch subscription per answer.
+    let closing = closed.wait_for(|c| *c);
+    tokio::pin!(closing);
     loop {
         let msg = tokio::select! {
+            biased;
+            _ = &mut closing => break,
             m = fr.read() => m,
-            _ = closed.wait_for(|c| *c) => break,
         };
         match msg {
             Ok(Some(Message::Response { id, body })) => {
@@ -917,10 +922,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         None => return,
     };
     let mut out = Vec::with_capacity(64 << 10);
+    let closing = closed.wait_for(|c| *c);
+    tokio::pin!(closing);
     loop {
         let frame = tokio::select! {
+            biased;
+            _ = &mut closing => None,
             f = rx.recv() => f,
-            _ = closed.wait_for(|c| *c) => None,
         };
         let Some(frame) = frame else { break };
         out.extend_from_slice(&frame);
@@ -930,8 +938,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let written = tokio::time::timeout(stall, wr.write_all(&out)).await;
-        if !matches!(written, Ok(Ok(()))) {
+        // Usually the socket takes it at once: no timer then.
+        let written = timed(stall, wr.write_all(&out)).await;
+        if !matches!(written, Some(Ok(()))) {
             tracing::warn!("writing to storage failed or stalled; closing the connection");
             break;
         }
