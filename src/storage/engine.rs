@@ -1631,9 +1631,7 @@ impl Writer {
             self.checkpoint()?;
         }
         let started = Instant::now();
-        self.journal
-            .append(changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
-            .map_err(journal_err)?;
+        self.journal.append(changes).map_err(journal_err)?;
         self.shared
             .metrics
             .flush_seconds

@@ -71,13 +71,8 @@ pub enum JournalError {
 }
 
 /// Appends `changes` to `out` as one record payload.
-pub fn encode_changes<'a, I>(changes: I, out: &mut Vec<u8>)
-where
-    I: IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-{
-    let count_at = out.len();
-    out.extend_from_slice(&0u32.to_le_bytes());
-    let mut count = 0u32;
+fn encode_changes(changes: &[Change], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
     for (key, value) in changes {
         out.push(if value.is_some() { 1 } else { 2 });
         out.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -86,13 +81,11 @@ where
             out.extend_from_slice(&(v.len() as u32).to_le_bytes());
             out.extend_from_slice(v);
         }
-        count += 1;
     }
-    out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
 }
 
 /// Decodes a record payload written by [`encode_changes`].
-pub fn decode_changes(mut p: &[u8]) -> Result<Vec<Change>, &'static str> {
+fn decode_changes(mut p: &[u8]) -> Result<Vec<Change>, &'static str> {
     fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
         if p.len() < n {
             return Err("truncated");
@@ -153,19 +146,26 @@ fn record_crc(cycle: u64, payload: &[u8]) -> u32 {
     c.finalize()
 }
 
-/// Appends one framed record for `cycle` to `out`.
-pub fn frame_record(cycle: u64, payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&cycle.to_le_bytes());
-    out.extend_from_slice(&record_crc(cycle, payload).to_le_bytes());
-    out.extend_from_slice(payload);
+/// Frames `changes` as one record of `cycle` into `out` (cleared first): the payload is
+/// encoded in place after room for the head, which is filled in last.
+fn frame_record(cycle: u64, changes: &[Change], out: &mut Vec<u8>) -> Result<(), JournalError> {
+    out.clear();
+    out.extend_from_slice(&[0; RECORD_HEAD]);
+    encode_changes(changes, out);
+    let len = out.len() - RECORD_HEAD;
+    let len32 = u32::try_from(len).map_err(|_| JournalError::TooLarge(len))?;
+    let crc = record_crc(cycle, &out[RECORD_HEAD..]);
+    out[..4].copy_from_slice(&len32.to_le_bytes());
+    out[4..12].copy_from_slice(&cycle.to_le_bytes());
+    out[12..RECORD_HEAD].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 /// Splits the records of `cycle` off the front of `bytes` (the file from [`RECORDS_AT`]):
 /// their payloads, and where the next record goes. Stops at the first record that does
 /// not check out; that and everything after it is garbage from an older cycle or a torn
 /// write.
-pub fn scan_records(bytes: &[u8], cycle: u64) -> (Vec<&[u8]>, usize) {
+fn scan_records(bytes: &[u8], cycle: u64) -> (Vec<&[u8]>, usize) {
     let mut at = 0;
     let mut payloads = Vec::new();
     while bytes.len() - at >= RECORD_HEAD {
@@ -198,7 +198,7 @@ pub struct Journal {
     filled: u64,
     /// Past this, [`Journal::is_full`] asks for a checkpoint.
     limit: u64,
-    /// Reused record buffer.
+    /// Reused record buffer (a group's record is tens of KiB).
     buf: Vec<u8>,
 }
 
@@ -266,19 +266,15 @@ impl Journal {
     }
 
     /// Writes one record of `changes` and makes it durable.
-    pub fn append<'a, I>(&mut self, changes: I) -> Result<(), JournalError>
-    where
-        I: IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-    {
-        let mut payload = std::mem::take(&mut self.buf);
-        payload.clear();
-        encode_changes(changes, &mut payload);
-        if u32::try_from(payload.len()).is_err() {
-            return Err(JournalError::TooLarge(payload.len()));
-        }
-        let mut record = Vec::with_capacity(RECORD_HEAD + payload.len());
-        frame_record(self.cycle, &payload, &mut record);
-        self.buf = payload;
+    pub fn append(&mut self, changes: &[Change]) -> Result<(), JournalError> {
+        let mut record = std::mem::take(&mut self.buf);
+        let written = frame_record(self.cycle, changes, &mut record)
+            .and_then(|()| self.write_record(&record));
+        self.buf = record;
+        written
+    }
+
+    fn write_record(&mut self, record: &[u8]) -> Result<(), JournalError> {
         let end = self.end + record.len() as u64;
         if end > self.filled {
             // Zero-fill ahead so that later records overwrite allocated blocks: their
@@ -292,7 +288,7 @@ impl Journal {
             self.filled = upto;
         }
         self.file
-            .write_all_at(&record, self.end)
+            .write_all_at(record, self.end)
             .map_err(|e| JournalError::Io("write the journal", e))?;
         self.file
             .sync_data()
@@ -324,10 +320,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn changes(list: &[Change]) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
-        list.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))
-    }
-
     fn sample(n: u8) -> Vec<Change> {
         vec![
             (vec![b'r', n], Some(vec![n; 100])),
@@ -342,13 +334,13 @@ mod tests {
         let path = dir.path().join("journal");
         let (mut j, replay) = Journal::open(&path, 64 << 20).unwrap();
         assert!(replay.is_empty() && !j.has_records());
-        j.append(changes(&sample(1))).unwrap();
-        j.append(changes(&sample(2))).unwrap();
+        j.append(&sample(1)).unwrap();
+        j.append(&sample(2)).unwrap();
         drop(j);
         let (mut j, replay) = Journal::open(&path, 64 << 20).unwrap();
         assert_eq!(replay, vec![sample(1), sample(2)]);
         // Appending after a reopen continues after the last record.
-        j.append(changes(&sample(3))).unwrap();
+        j.append(&sample(3)).unwrap();
         drop(j);
         let (_, replay) = Journal::open(&path, 64 << 20).unwrap();
         assert_eq!(replay, vec![sample(1), sample(2), sample(3)]);
@@ -360,13 +352,13 @@ mod tests {
         let path = dir.path().join("journal");
         let (mut j, _) = Journal::open(&path, 64 << 20).unwrap();
         for n in 0..5 {
-            j.append(changes(&sample(n))).unwrap();
+            j.append(&sample(n)).unwrap();
         }
         j.checkpointed().unwrap();
         assert!(!j.has_records());
         // One short record of the new cycle over the start of the old ones: the old
         // records after it are of another cycle and must not replay.
-        j.append(changes(&sample(9)[..1])).unwrap();
+        j.append(&sample(9)[..1]).unwrap();
         drop(j);
         let (mut j, replay) = Journal::open(&path, 64 << 20).unwrap();
         assert_eq!(replay, vec![sample(9)[..1].to_vec()]);
@@ -381,9 +373,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
         let (mut j, _) = Journal::open(&path, 64 << 20).unwrap();
-        j.append(changes(&sample(1))).unwrap();
+        j.append(&sample(1)).unwrap();
         let keep = j.end;
-        j.append(changes(&sample(2))).unwrap();
+        j.append(&sample(2)).unwrap();
         drop(j);
         // Tear the second record: its last bytes never reached the disk.
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -391,7 +383,7 @@ mod tests {
         let (mut j, replay) = Journal::open(&path, 64 << 20).unwrap();
         assert_eq!(replay, vec![sample(1)]);
         assert_eq!(j.end, keep, "the next record overwrites the torn one");
-        j.append(changes(&sample(3))).unwrap();
+        j.append(&sample(3)).unwrap();
         drop(j);
         let (_, replay) = Journal::open(&path, 64 << 20).unwrap();
         assert_eq!(replay, vec![sample(1), sample(3)]);
@@ -403,7 +395,7 @@ mod tests {
         let path = dir.path().join("journal");
         let (mut j, _) = Journal::open(&path, 64 << 20).unwrap();
         j.checkpointed().unwrap(); // cycle 2, slot 0; cycle 1 stays in slot 1
-        j.append(changes(&sample(4))).unwrap();
+        j.append(&sample(4)).unwrap();
         drop(j);
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff; 4], 10).unwrap();
@@ -422,7 +414,7 @@ mod tests {
         let big = vec![(vec![1u8], Some(vec![0u8; 300 << 10]))];
         let mut n = 0;
         while !j.is_full() {
-            j.append(changes(&big)).unwrap();
+            j.append(&big).unwrap();
             n += 1;
         }
         assert_eq!(n, 4, "the limit is at least one growth step");
@@ -436,7 +428,7 @@ mod tests {
             (proptest::collection::vec(any::<u8>(), 0..40),
              proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200))), 0..20)) {
             let mut out = Vec::new();
-            encode_changes(changes(&list), &mut out);
+            encode_changes(&list, &mut out);
             prop_assert_eq!(decode_changes(&out).unwrap(), list);
         }
 
