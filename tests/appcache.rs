@@ -79,17 +79,6 @@ async fn get(url: &str, token: Option<u64>) -> (StatusCode, Value, String) {
     (status, body, cs)
 }
 
-async fn admin_status(node: &Node) -> Value {
-    common::client()
-        .get(format!("http://{}/admin/status", node.admin))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("status JSON")
-}
-
 fn app_cache(status: &Value) -> &Value {
     &status["components"]["app"]["cache"]
 }
@@ -115,7 +104,7 @@ async fn feed_reaches(app: &Node, lsn: u64) {
         "the cache feed to deliver the write",
         Duration::from_secs(10),
         || async {
-            let s = admin_status(app).await;
+            let s = app.status().await;
             let f = &app_cache(&s)["feed"];
             f["applied_lsn"].as_u64().unwrap_or(0) >= lsn && f["trusted"] == json!(true)
         },
@@ -204,7 +193,7 @@ async fn two_apps_stay_coherent_through_the_change_feed() {
     let (s, v, _) = get(&format!("{ua}{gone}"), None).await;
     assert_eq!((s, v), (StatusCode::OK, json!({"here": true})));
 
-    let st = admin_status(&a).await;
+    let st = a.status().await;
     let c = app_cache(&st);
     assert!(c["hits"].as_u64().unwrap() > 0 && c["entries"].as_u64().unwrap() > 0);
     assert_eq!(c["feed"]["source"], json!(r.to_string()));
@@ -242,7 +231,7 @@ async fn data_api_suite_with_the_cache_on() {
     // And embedded storage, where the engine feeds the cache directly.
     let embedded = Node::start_app("max_body = \"64KiB\"\n[app.cache]\nmax_bytes = \"8MiB\"\n");
     common::suite::all(&embedded.url(), 64 << 10).await;
-    let st = admin_status(&embedded).await;
+    let st = embedded.status().await;
     assert!(app_cache(&st)["hits"].as_u64().unwrap() > 0, "{st}");
     assert!(app_cache(&st)["bytes"].as_u64().unwrap() > 0, "{st}");
 
@@ -259,7 +248,7 @@ async fn data_api_suite_with_the_cache_on() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let st = admin_status(&embedded).await;
+    let st = embedded.status().await;
     assert_eq!(app_cache(&st)["capacity_bytes"], json!(16 << 10), "{st}");
     assert!(
         app_cache(&st)["bytes"].as_u64().unwrap() <= 16 << 10,
@@ -324,7 +313,7 @@ async fn feed_cut_stops_trusting_the_cache_within_max_staleness() {
         saw_bypass,
         "the new value came from storage, bypassing the cache"
     );
-    let st = admin_status(&a).await;
+    let st = a.status().await;
     assert_eq!(app_cache(&st)["feed"]["trusted"], json!(false), "{st}");
 
     // Heal: the feed reconnects, resumes exactly (no clear) and the cache is used again.
@@ -341,7 +330,7 @@ async fn feed_cut_stops_trusting_the_cache_within_max_staleness() {
         },
     )
     .await;
-    let st = admin_status(&a).await;
+    let st = a.status().await;
     assert_eq!(
         app_cache(&st)["feed"]["clears"],
         json!(0),
@@ -410,7 +399,7 @@ async fn memory_stays_within_the_cache_bound() {
         assert_eq!(body.len(), len + 10, "every value intact"); // {"pad":"…"}
     }
     let after = rss_bytes(pid);
-    let st = admin_status(&app).await;
+    let st = app.status().await;
     let cache = app_cache(&st);
     assert!(cache["bytes"].as_u64().unwrap() <= CACHE, "{cache}");
     assert!(cache["evictions"].as_u64().unwrap() > 0, "{cache}");
@@ -513,7 +502,7 @@ async fn a_replica_feed_counts_the_replicas_lag() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let st = admin_status(&a).await;
+    let st = a.status().await;
     assert_eq!(app_cache(&st)["feed"]["connected"], json!(true), "{st}");
     assert_eq!(app_cache(&st)["feed"]["trusted"], json!(false), "{st}");
 }

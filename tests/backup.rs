@@ -21,17 +21,6 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-async fn status(node: &Node) -> Value {
-    client()
-        .get(format!("{}/admin/status", node.admin_url()))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json")
-}
-
 fn restore(file: &Path, data_dir: &Path) -> (bool, String, String) {
     let out = Command::new(bin())
         .args(["restore", "--from"])
@@ -110,11 +99,11 @@ async fn backup_of_a_replica_under_writes_restores_every_record() {
     }
 
     // The replica catches up.
-    let target = status(&primary).await["components"]["storage"]["last_lsn"]
+    let target = primary.status().await["components"]["storage"]["last_lsn"]
         .as_u64()
         .expect("lsn");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while status(&replica).await["components"]["storage"]["replication"]["applied_lsn"]
+    while replica.status().await["components"]["storage"]["replication"]["applied_lsn"]
         .as_u64()
         .unwrap_or(0)
         < target
@@ -221,7 +210,7 @@ async fn backup_of_a_replica_under_writes_restores_every_record() {
         assert_eq!(item["value"]["seq"], n);
     }
     assert!(items.len() as u32 <= written);
-    let st = status(&restored).await;
+    let st = restored.status().await;
     assert_eq!(st["components"]["app"]["storage"]["last_lsn"], lsn);
     assert_eq!(
         st["components"]["app"]["storage"]["records"],
@@ -247,11 +236,11 @@ async fn backup_of_a_replica_under_writes_restores_every_record() {
             free_port()
         ),
     );
-    let head = status(&primary).await["components"]["storage"]["last_lsn"]
+    let head = primary.status().await["components"]["storage"]["last_lsn"]
         .as_u64()
         .expect("lsn");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while status(&follower).await["components"]["storage"]["replication"]["applied_lsn"]
+    while follower.status().await["components"]["storage"]["replication"]["applied_lsn"]
         .as_u64()
         .unwrap_or(0)
         < head

@@ -94,7 +94,7 @@ impl Lb {
     async fn start(backends: &[(SocketAddr, u32)], extra: &str) -> Lb {
         let tmp = tempfile::tempdir().expect("tempdir");
         let node = Node::start_with(tmp.path(), &lb_config(tmp.path(), backends, extra));
-        let status = admin_status(&node).await;
+        let status = node.status().await;
         let addr = status["components"]["balancer"]["listen"]
             .as_str()
             .and_then(|a| a.parse().ok())
@@ -111,7 +111,7 @@ impl Lb {
     }
 
     async fn status(&self) -> Value {
-        admin_status(&self.node).await["components"]["balancer"].clone()
+        self.node.status().await["components"]["balancer"].clone()
     }
 
     /// Rewrites the config and reloads through the admin API.
@@ -149,17 +149,6 @@ impl Lb {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-async fn admin_status(node: &Node) -> Value {
-    client()
-        .get(format!("{}/admin/status", node.admin_url()))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("status json")
 }
 
 /// GET who/me through the balancer: the answering backend's name.
@@ -1005,7 +994,7 @@ async fn access_log_and_request_ids() {
     let text = lb_config(tmp.path(), &[(app.addr, 1)], "")
         .replace("shutdown_grace", "access_log = true\nshutdown_grace");
     let node = Node::start_with(tmp.path(), &text);
-    let status = admin_status(&node).await;
+    let status = node.status().await;
     let addr = status["components"]["balancer"]["listen"].as_str().unwrap();
     let c = client();
     let r = c

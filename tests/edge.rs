@@ -960,18 +960,6 @@ async fn reload(node: &Node) -> serde_json::Value {
         .unwrap()
 }
 
-async fn edge_status(node: &Node) -> serde_json::Value {
-    let s: serde_json::Value = common::client()
-        .get(format!("{}/admin/status", node.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    s["components"]["edge"].clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rules_and_sizes_reload_under_load_without_failed_requests() {
     let origin = Origin::start().await;
@@ -1033,7 +1021,7 @@ async fn rules_and_sizes_reload_under_load_without_failed_requests() {
         }
     };
     more(20).await;
-    let before = edge_status(&node).await;
+    let before = node.status().await["components"]["edge"].clone();
     assert!(before["bytes"].as_u64().unwrap() > 30_000, "{before}");
 
     // Shrink the cache and tighten the object size limit, live.
@@ -1045,7 +1033,7 @@ async fn rules_and_sizes_reload_under_load_without_failed_requests() {
     .unwrap();
     let report = reload(&node).await;
     assert_eq!(report["applied"], true, "{report}");
-    let after = edge_status(&node).await;
+    let after = node.status().await["components"]["edge"].clone();
     assert_eq!(after["capacity_bytes"], 16 * 1024, "{after}");
     assert!(after["bytes"].as_u64().unwrap() <= 16 * 1024, "{after}");
     assert!(
@@ -1078,7 +1066,7 @@ async fn rules_and_sizes_reload_under_load_without_failed_requests() {
     for i in 0..40 {
         get(&format!("{url}/r/{i}"), &[]).await;
     }
-    let end = edge_status(&node).await;
+    let end = node.status().await["components"]["edge"].clone();
     assert_eq!(end["capacity_bytes"], 1024 * 1024, "{end}");
     assert!(end["bytes"].as_u64().unwrap() > 30_000, "refilled: {end}");
 }
@@ -1108,7 +1096,7 @@ async fn a_dead_upstream_is_skipped_and_counters_are_reported() {
         let (s, b, _) = get(&format!("{url}/u/{i}"), &[]).await;
         assert_eq!((s, b.as_str()), (200, "fine"), "request {i}");
     }
-    let st = edge_status(&node).await;
+    let st = node.status().await["components"]["edge"].clone();
     let ups = st["upstreams"].as_array().unwrap();
     let healthy = |a: SocketAddr| {
         ups.iter()
@@ -1120,7 +1108,7 @@ async fn a_dead_upstream_is_skipped_and_counters_are_reported() {
 
     get(&format!("{url}/c"), &[]).await;
     get(&format!("{url}/c"), &[]).await;
-    let st = edge_status(&node).await;
+    let st = node.status().await["components"]["edge"].clone();
     assert_eq!(
         (st["hits"].as_u64(), st["stored"].as_u64()),
         (Some(1), Some(1)),
@@ -1209,7 +1197,7 @@ async fn active_probes_take_a_failing_upstream_out_and_bring_it_back() {
         let b_addr = b.addr.to_string();
         async move {
             for _ in 0..100 {
-                let st = edge_status(node).await;
+                let st = node.status().await["components"]["edge"].clone();
                 let b_up = st["upstreams"]
                     .as_array()
                     .unwrap()

@@ -152,6 +152,18 @@ impl Node {
         format!("http://{}", self.app.expect("app role"))
     }
 
+    /// The node's `/admin/status` document (admin listener, no token).
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(format!("{}/admin/status", self.admin_url()))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status JSON")
+    }
+
     /// The node's Prometheus metrics, as text (admin listener, no token).
     pub async fn metrics_text(&self) -> String {
         client()
