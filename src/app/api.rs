@@ -607,6 +607,16 @@ async fn put(
         .map_err(storage_problem)
 }
 
+/// The next id for a POST: a ULID, strictly increasing within this process. Two ids made
+/// in the same millisecond differ in their random part, so plain `Ulid::new` orders them
+/// by chance; the monotonic generator increments it instead.
+fn next_id() -> ulid::Ulid {
+    static IDS: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+    let mut ids = IDS.lock().unwrap_or_else(|p| p.into_inner());
+    // Overflow needs 2^80 ids in one millisecond; a fresh random one is then still unique.
+    ids.generate().unwrap_or_else(|_| ulid::Ulid::new())
+}
+
 /// POST to a collection: create with a server-made, time-ordered id (a ULID).
 pub async fn create_record(
     store: &Data<'_>,
@@ -615,7 +625,7 @@ pub async fn create_record(
     body: Incoming,
     collection: &str,
 ) -> ApiResult {
-    let id = ulid::Ulid::new().to_string();
+    let id = next_id().to_string();
     let key = Key::new(collection, &id).map_err(bad_key)?;
     let bytes = read_json(headers, body, settings, false).await?;
     let committed = store
