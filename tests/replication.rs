@@ -182,8 +182,9 @@ fn wait_converged(primary: SocketAddr, replica: SocketAddr, limit: Duration) -> 
     panic!("replica did not converge: {last:?}");
 }
 
-/// A writer thread: overwrites `keys` keys round robin with increasing sequence numbers;
-/// returns the count of acknowledged writes and the newest acknowledged LSN.
+/// A writer thread: overwrites `keys` keys round robin with increasing sequence numbers,
+/// waiting `pace` after each; returns the count of acknowledged writes and the newest
+/// acknowledged LSN.
 struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
@@ -192,7 +193,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(primary: SocketAddr, keys: u64, body_len: usize) -> Load {
+    fn start(primary: SocketAddr, keys: u64, body_len: usize, pace: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let last_lsn = Arc::new(AtomicU64::new(0));
@@ -218,6 +219,7 @@ impl Load {
                         a.fetch_add(1, Ordering::Relaxed);
                         l.store(lsn, Ordering::Relaxed);
                         i += 1;
+                        std::thread::sleep(pace);
                     }
                     None => peer = None,
                 }
@@ -304,7 +306,7 @@ fn replica_kill9_mid_stream_resumes_without_snapshot_and_converges() {
     let replica = start(tmp.path(), "replica", rport, Some(paddr), "", "");
     let raddr = replica.storage.unwrap();
 
-    let load = Load::start(paddr, 500, 100);
+    let load = Load::start(paddr, 500, 100, Duration::ZERO);
     let mono = Monotonic::start(raddr);
     std::thread::sleep(Duration::from_millis(1500));
     let before = status(raddr).unwrap().applied_lsn;
@@ -385,7 +387,10 @@ fn replica_cut_off_past_retention_heals_by_snapshot_while_writes_continue() {
     let proxy = FaultProxy::start(paddr, 0);
     let replica = start(tmp.path(), "replica", 0, Some(proxy.addr), "", "");
     let raddr = replica.storage.unwrap();
-    let load = Load::start(paddr, 300, 200);
+    // Paced: a replica reconnecting after the torn frame below (50–75 ms of backoff)
+    // must still find its position in a 200-entry log. Unpaced, one writer commits
+    // thousands of entries a second now, and that reconnect needed a snapshot too.
+    let load = Load::start(paddr, 300, 200, Duration::from_millis(1));
     let mono = Monotonic::start(raddr);
     wait_for("replica to apply", Duration::from_secs(20), || {
         primary_lsn(raddr) > 50
@@ -468,7 +473,7 @@ fn late_replica_with_a_large_data_set_bootstraps_under_load() {
             Some(Response::Committed { .. })
         ));
     }
-    let load = Load::start(paddr, 1000, 100);
+    let load = Load::start(paddr, 1000, 100, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let replica = start(tmp.path(), "replica", 0, Some(paddr), "", "");
