@@ -19,7 +19,8 @@
 //! One dedicated OS thread (not a tokio worker: every sled call may block) owns all writes.
 //! It takes one request from its channel, drains whatever else is already queued (up to
 //! [`EngineConfig::max_group`]), checks preconditions and stages each client batch in
-//! order (later batches see earlier ones), then makes the whole group durable ONCE — one
+//! order (later batches see earlier ones; record states come from the writer's memory of
+//! recent records, [`super::recent`], before sled), then makes the whole group durable ONCE — one
 //! journal record, one `fdatasync` — applies it to sled and only then answers every
 //! request.
 //!
@@ -57,6 +58,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::journal::{Change, Journal, JournalError};
 use super::log_chunk::{self, check_entry, seal, ChunkBuilder, ENTRY_FORMAT, ENTRY_HEADER};
+use super::recent::{RecentRecords, RecordStamp};
 use super::replication::state::{EntryRefused, Follower, History};
 use super::{inbox, relay};
 use super::{
@@ -206,6 +208,10 @@ const JOURNAL_FILE: &str = "journal";
 /// The journal's size bound: past it the writer checkpoints (one sled flush) and starts
 /// over. It also bounds what a restart replays.
 const JOURNAL_LIMIT: u64 = 64 << 20;
+
+/// Keys per generation of the writer's memory of record states ([`RecentRecords`]):
+/// up to twice this many are kept, ~100 bytes each.
+const RECENT_RECORDS: usize = 32 * 1024;
 
 /// Log chunks removed per truncation pass (riding on each group commit's batch).
 const TRUNCATE_CHUNKS: usize = 256;
@@ -698,6 +704,7 @@ impl Engine {
             last_ts,
             failed: None,
             journal,
+            recent: RecentRecords::new(RECENT_RECORDS),
         };
         // sled writes `conf` and creates `blobs/` without syncing them or the directory;
         // anything replayed becomes durable in sled here too.
@@ -1121,18 +1128,18 @@ struct Writer {
     last_group: usize,
     /// Makes groups durable (see [`super::journal`]).
     journal: Journal,
+    /// The states of records written or read lately, staged ones included: what a
+    /// write's checks read instead of sled (see [`super::recent`]).
+    recent: RecentRecords,
 }
 
-/// A group being assembled: its sled changes, what it has staged per record key, and the
-/// LSN the next client batch gets.
+/// A group being assembled: its sled changes and the LSN the next client batch gets
+/// (what it staged per record is in [`Writer::recent`]).
 struct Stage {
     /// The group's sled changes in order: journaled, then applied.
     changes: Vec<Change>,
     /// The group's log entries, packed into chunks as they are staged.
     log: ChunkBuilder,
-    /// Seeded per process (foldhash): SipHash was 2 % of a PUT's instructions here, and
-    /// the map holds one group's keys at most.
-    overlay: HashMap<Vec<u8>, Option<Record>, foldhash::fast::RandomState>,
     next_lsn: u64,
     delta: i64,
     batches: u64,
@@ -1145,7 +1152,6 @@ impl Stage {
         Stage {
             changes: Vec::new(),
             log: ChunkBuilder::default(),
-            overlay: HashMap::default(),
             next_lsn: last_lsn + 1,
             delta: 0,
             batches: 0,
@@ -1233,6 +1239,8 @@ impl Writer {
         if let Some(msg) = &self.failed {
             return Err(EngineError::Io(msg.clone()));
         }
+        // Every one of these may change records behind the writer's memory of them.
+        self.recent.clear();
         let result = match op {
             ReplOp::Apply(entries, raw) => self.apply_entries(entries, raw),
             ReplOp::Adopt(history) => self.set_history(history),
@@ -1465,6 +1473,7 @@ impl Writer {
             };
             answers.push((req.reply, result));
         }
+        self.recent.end_group();
         if stage.batches > 0 {
             let last = stage.next_lsn - 1;
             if let Some((chunk_last, value)) = stage.log.finish() {
@@ -1537,13 +1546,21 @@ impl Writer {
         let mut current = Vec::with_capacity(writes.len());
         for (index, w) in writes.iter().enumerate() {
             let rk = record_key(&w.key);
-            let cur = match stage.overlay.get(&rk) {
-                Some(staged) => staged.clone(),
-                None => db
-                    .get(&rk)
-                    .map_err(|e| sled_err(&format!("get {}", w.key), e))?
-                    .map(|v| decode_record(v, &format_args!("record {}", w.key)))
-                    .transpose()?,
+            let cur = match self.recent.get(&rk) {
+                Some(known) => known,
+                None => {
+                    let read = db
+                        .get(&rk)
+                        .map_err(|e| sled_err(&format!("get {}", w.key), e))?
+                        .map(|v| decode_record(v, &format_args!("record {}", w.key)))
+                        .transpose()?
+                        .map(|r| RecordStamp {
+                            lsn: r.lsn,
+                            created_ms: r.created_ms,
+                        });
+                    self.recent.set(&rk, read);
+                    read
+                }
             };
             let ok = match w.precondition {
                 Precondition::None => true,
@@ -1594,7 +1611,11 @@ impl Writer {
                     None
                 }
             };
-            stage.overlay.insert(rk, record.clone());
+            let stamp = record.as_ref().map(|r| RecordStamp {
+                lsn,
+                created_ms: r.created_ms,
+            });
+            self.recent.set(&rk, stamp);
             logged.push(LoggedWrite {
                 key: w.key.joined(),
                 value: record.clone(),
@@ -2687,6 +2708,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn writes_check_what_replication_installed_not_what_they_remember() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(dir.path());
+        let (k, gone) = (key("c", "k"), key("c", "gone"));
+        for id in [&k, &gone] {
+            engine
+                .write(vec![put(id, "mine", Precondition::None)])
+                .await
+                .unwrap();
+        }
+        // A snapshot from another primary replaces every record: k at version 7, and
+        // `gone` not at all.
+        let h = History::from_pairs(&[(1, 0), (2, 5)]).unwrap();
+        engine.snapshot_begin(h, 9).await.unwrap();
+        let theirs = Record {
+            body: Bytes::from_static(b"theirs"),
+            lsn: 7,
+            created_ms: 1,
+            updated_ms: 2,
+        };
+        engine
+            .snapshot_chunk(vec![(k.to_string(), theirs)])
+            .await
+            .unwrap();
+        engine.snapshot_end().await.unwrap();
+
+        let c = engine
+            .write(vec![put(&k, "next", Precondition::Version(7))])
+            .await
+            .unwrap();
+        assert!(!c.results[0].created);
+        assert_eq!(c.results[0].record.as_ref().unwrap().created_ms, 1);
+        let c = engine
+            .write(vec![put(&gone, "again", Precondition::Absent)])
+            .await
+            .unwrap();
+        assert!(c.results[0].created);
+        assert_eq!(engine.status().records, 2);
+    }
+
+    #[tokio::test]
     async fn corrupt_values_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
         let engine = open(dir.path());
@@ -2729,8 +2791,13 @@ mod tests {
                 engine.list("c", &all),
                 Err(EngineError::Corrupt(_))
             ));
-            // The writer reports it too, and stays up.
-            let w = engine.write(vec![put(&k, "x", Precondition::None)]).await;
+            // The writer reports it too, and stays up. (It reads only records it has not
+            // written or read since it opened: one it knows, it knows exactly.)
+            let unseen = key("c", "unseen");
+            db.insert(record_key(&unseen), garbage).unwrap();
+            let w = engine
+                .write(vec![put(&unseen, "x", Precondition::None)])
+                .await;
             assert!(matches!(w, Err(EngineError::Corrupt(_))));
         }
         let other = key("c", "other");

@@ -27,6 +27,7 @@ pub mod inbox;
 pub mod journal;
 pub mod log_chunk;
 pub mod protocol;
+pub mod recent;
 pub mod relay;
 pub mod replication;
 pub mod server;
