@@ -21,7 +21,7 @@
 //! [`EngineConfig::max_group`]), checks preconditions and stages each client batch in
 //! order (later batches see earlier ones; record states come from the writer's memory of
 //! recent records, [`super::recent`], before sled), then makes the whole group durable ONCE — one
-//! journal record, one `fdatasync` — applies it to sled and only then answers every
+//! synchronous journal write — applies it to sled and only then answers every
 //! request.
 //!
 //! sled itself is made durable only at a *checkpoint*: when the journal is full, before
@@ -163,13 +163,13 @@ pub struct LoggedWrite {
 /// register clones of these while the engine keeps updating the originals.
 #[derive(Clone, Debug)]
 pub struct EngineMetrics {
-    /// Client batches made durable by one group commit (one journal write + fdatasync):
+    /// Client batches made durable by one group commit (one synchronous journal write):
     /// how well the fsync cost is amortised under load.
     pub group_size: Histogram,
-    /// Seconds one group commit's journal write + fdatasync took (and each checkpoint's
+    /// Seconds one group commit's synchronous journal write took (and each checkpoint's
     /// sled flush); the floor of write latency.
     pub flush_seconds: Histogram,
-    /// Group commits (journal write + fdatasync rounds) performed.
+    /// Group commits (synchronous journal writes) performed.
     pub groups: Counter,
     /// Client batches committed (each one log entry / one LSN).
     pub batches: Counter,
@@ -1194,7 +1194,7 @@ impl Writer {
             self.gather(&mut group, &mut pending);
             // Adaptive commit window (PostgreSQL's commit_delay, self-tuning): when the last
             // group showed concurrent writers and fewer of them have arrived yet, wait a
-            // moment for the rest so one fdatasync covers them all. A lone writer
+            // moment for the rest so one journal write covers them all. A lone writer
             // (last group of 1) never waits. On a busy single core this is what lets the
             // HTTP side queue the next writes instead of the writer flushing each alone.
             // The inbox wakes the writer once, when the group is complete or the window
@@ -1810,12 +1810,12 @@ impl Engine {
         let m = self.metrics();
         metrics.register(
             "storage_group_commit_size",
-            "Client batches made durable by one journal write + fdatasync",
+            "Client batches made durable by one synchronous journal write",
             m.group_size.clone(),
         );
         metrics.register(
             "storage_flush_seconds",
-            "Time making one group commit durable took (journal write + fdatasync)",
+            "Time making one group commit durable took (one synchronous journal write)",
             m.flush_seconds.clone(),
         );
         metrics.register(
