@@ -210,7 +210,7 @@ const JOURNAL_FILE: &str = "journal";
 const JOURNAL_LIMIT: u64 = 64 << 20;
 
 /// Keys per generation of the writer's memory of record states ([`RecentRecords`]):
-/// up to twice this many are kept, ~100 bytes each.
+/// up to twice this many are kept, ~100 bytes each (~250 with the longest keys).
 const RECENT_RECORDS: usize = 32 * 1024;
 
 /// Log chunks removed per truncation pass (riding on each group commit's batch).

@@ -390,18 +390,24 @@ impl Journal {
             }
             self.filled = upto;
         }
-        match self.direct.as_mut() {
-            Some(d) => d
-                .write(record, self.end)
-                .map_err(|e| JournalError::Io("write the journal", e))?,
-            None => {
-                self.file
-                    .write_all_at(record, self.end)
-                    .map_err(|e| JournalError::Io("write the journal", e))?;
-                self.file
-                    .sync_data()
-                    .map_err(|e| JournalError::Io("fsync the journal", e))?;
+        let written = match self.direct.as_mut().map(|d| d.write(record, self.end)) {
+            Some(Ok(())) => true,
+            // A device whose blocks are larger than a page refuses the write up front.
+            Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(error = %e, "the journal's disk refused a direct write; writing through the page cache from now on");
+                self.direct = None;
+                false
             }
+            Some(Err(e)) => return Err(JournalError::Io("write the journal", e)),
+            None => false,
+        };
+        if !written {
+            self.file
+                .write_all_at(record, self.end)
+                .map_err(|e| JournalError::Io("write the journal", e))?;
+            self.file
+                .sync_data()
+                .map_err(|e| JournalError::Io("fsync the journal", e))?;
         }
         self.end = end;
         Ok(())
