@@ -5,8 +5,8 @@
 //! when was it created) to check preconditions, count records and keep `created_ms`.
 //! Read from sled that is a tree descent of ~3.7k instructions: 14 % of the storage
 //! server's work per PUT. The writer is the only code that changes records, so it can
-//! remember what it wrote (and what it read) exactly; hot keys, which are most writes,
-//! then cost one hash lookup.
+//! remember what it wrote (and what it read) exactly; a write to a key it still remembers
+//! then costs one hash lookup, and only other keys read sled.
 //!
 //! The memory is bounded by two generations: lookups try the young one, then the old one;
 //! when the young one holds `capacity` keys it becomes the old one and the old one is
