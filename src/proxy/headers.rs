@@ -259,31 +259,41 @@ fn ip_text(ip: IpAddr, forwarded: bool) -> String {
 }
 
 /// [`push_token_or_quoted`] for a byte buffer (the fast path's heads); `value` is visible
-/// ASCII.
+/// ASCII. Appends in place: a temporary string here cost the balancer an allocation and
+/// two reallocations per request (callgrind: ~6 % of its instructions).
 pub fn push_token_or_quoted_bytes(out: &mut Vec<u8>, value: &[u8]) {
-    let mut s = String::new();
-    push_token_or_quoted(&mut s, std::str::from_utf8(value).unwrap_or(""));
-    out.extend_from_slice(s.as_bytes());
+    token_or_quoted(std::str::from_utf8(value).unwrap_or(""), |piece| {
+        out.extend_from_slice(piece.as_bytes())
+    });
 }
 
 /// Appends a `Forwarded` parameter value: a token if it is one, else a quoted string.
 fn push_token_or_quoted(out: &mut String, value: &str) {
+    token_or_quoted(value, |piece| out.push_str(piece));
+}
+
+/// Hands `push` a `Forwarded` parameter value in pieces: the value itself if it is a
+/// token, else the value as a quoted string (RFC 7230 §3.2.6), `"` and `\` escaped.
+fn token_or_quoted(value: &str, mut push: impl FnMut(&str)) {
     let token = !value.is_empty()
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if token {
-        out.push_str(value);
+        push(value);
         return;
     }
-    out.push('"');
-    for c in value.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
+    push("\"");
+    let mut rest = value;
+    // Both escaped characters are ASCII, so every split is on a character boundary.
+    while let Some(at) = rest.find(['"', '\\']) {
+        push(&rest[..at]);
+        push("\\");
+        push(&rest[at..at + 1]);
+        rest = &rest[at + 1..];
     }
-    out.push('"');
+    push(rest);
+    push("\"");
 }
 
 fn valid_request_id(v: &HeaderValue) -> bool {
@@ -328,6 +338,53 @@ fn push_hex(out: &mut Vec<u8>, v: u64, width: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plain definition: a token as is, else quoted with `"` and `\` escaped.
+    fn quoted_by_chars(value: &str) -> String {
+        let token = !value.is_empty()
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if token {
+            return value.to_string();
+        }
+        let mut out = String::from('"');
+        for c in value.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        out
+    }
+
+    #[test]
+    fn forwarded_values_are_tokens_or_escaped_quoted_strings() {
+        for (value, want) in [
+            ("example.com", "example.com"),
+            ("127.0.0.1:8080", "\"127.0.0.1:8080\""),
+            ("[::1]:80", "\"[::1]:80\""),
+            ("a\"b\\c\"", "\"a\\\"b\\\\c\\\"\""),
+            ("", "\"\""),
+        ] {
+            let mut s = String::new();
+            push_token_or_quoted(&mut s, value);
+            assert_eq!(s, want);
+            let mut b = b"for=".to_vec();
+            push_token_or_quoted_bytes(&mut b, value.as_bytes());
+            assert_eq!(b, [b"for=", want.as_bytes()].concat());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn quoting_in_pieces_matches_quoting_by_character(value in "[ -~]{0,40}") {
+            let mut s = String::new();
+            push_token_or_quoted(&mut s, &value);
+            proptest::prop_assert_eq!(s, quoted_by_chars(&value));
+        }
+    }
 
     fn fwd() -> &'static Forwarding {
         static F: OnceLock<Forwarding> = OnceLock::new();
