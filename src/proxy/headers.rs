@@ -275,10 +275,7 @@ fn push_token_or_quoted(out: &mut String, value: &str) {
 /// Hands `push` a `Forwarded` parameter value in pieces: the value itself if it is a
 /// token, else the value as a quoted string (RFC 7230 §3.2.6), `"` and `\` escaped.
 fn token_or_quoted(value: &str, mut push: impl FnMut(&str)) {
-    let token = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let token = !value.is_empty() && value.bytes().all(is_tchar);
     if token {
         push(value);
         return;
@@ -286,7 +283,7 @@ fn token_or_quoted(value: &str, mut push: impl FnMut(&str)) {
     push("\"");
     let mut rest = value;
     // Both escaped characters are ASCII, so every split is on a character boundary.
-    while let Some(at) = rest.find(['"', '\\']) {
+    while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\') {
         push(&rest[..at]);
         push("\\");
         push(&rest[at..at + 1]);
@@ -294,6 +291,28 @@ fn token_or_quoted(value: &str, mut push: impl FnMut(&str)) {
     }
     push(rest);
     push("\"");
+}
+
+/// A `tchar` of RFC 7230 §3.2.6: what a token is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
 }
 
 fn valid_request_id(v: &HeaderValue) -> bool {
