@@ -4,9 +4,11 @@
 # nginx backend (/file1k) and wrk (64 connections, 8 s, after 2 s of warm-up) on CPU 1.
 # Two rounds each, interleaved. compare.sh prints the sum; this splits it, to show where
 # the time goes (utime and stime from /proc/PID/stat; for nginx, its one worker).
-# usage: benches/proxy/split.sh [STRATA_BINARY]   (needs nginx, haproxy, wrk)
+# Several strata binaries (an A/B of two builds) each get their own balancer and take turns
+# with the others in every round, under the same conditions.
+# usage: benches/proxy/split.sh [STRATA_BINARY...]   (needs nginx, haproxy, wrk; ROUNDS=2)
 set -u
-bin=${1:-$PWD/target/release/strata}
+[[ $# -gt 0 ]] || set -- "$PWD/target/release/strata"
 dir=$(mktemp -d /tmp/strata-split.XXXXXX)
 mkdir -p "$dir/www" && head -c 1024 /dev/zero | tr '\0' x > "$dir/www/file1k"
 nginx_conf() { # name, http block body
@@ -16,18 +18,24 @@ nginx_conf() { # name, http block body
 nginx_conf be "server { listen 127.0.0.1:18780; root $dir/www; }"
 nginx_conf np "upstream be { server 127.0.0.1:18780; keepalive 64; } server { listen 127.0.0.1:18781; location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 printf 'global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind 127.0.0.1:18782\n  default_backend be\nbackend be\n  http-reuse always\n  server s1 127.0.0.1:18780\n' > "$dir/hp.cfg"
-printf '[node]\nname = "split-lb"\nadmin = "127.0.0.1:0"\n[balancer]\nlisten = "127.0.0.1:18783"\nbackends = ["127.0.0.1:18780"]\n' > "$dir/lb.toml"
 
 taskset -c 1 nginx -c "$dir/be.conf" & BE=$!
 taskset -c 0 nginx -c "$dir/np.conf" & NP=$!
 taskset -c 0 haproxy -f "$dir/hp.cfg" > "$dir/hp.log" 2>&1 & HP=$!
-STRATA_LOG=warn taskset -c 0 "$bin" serve --config "$dir/lb.toml" > "$dir/lb.log" 2>&1 & SP=$!
-trap 'kill $BE $NP $HP $SP 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
+pids=($BE $NP $HP) stratas=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
+i=0
+for bin in "$@"; do
+  port=$((18783 + i)) name=strata; [[ $# -gt 1 ]] && name=$(basename "$bin")
+  printf '[node]\nname = "split-lb%s"\nadmin = "127.0.0.1:0"\n[balancer]\nlisten = "127.0.0.1:%s"\nbackends = ["127.0.0.1:18780"]\n' $i $port > "$dir/lb$i.toml"
+  STRATA_LOG=warn taskset -c 0 "$bin" serve --config "$dir/lb$i.toml" > "$dir/lb$i.log" 2>&1 & pids+=($!)
+  stratas+=("$name:$!:$port"); i=$((i + 1))
+done
 sleep 1.5
 NW=$(pgrep -P $NP)
 hz=$(getconf CLK_TCK)
-for round in 1 2; do
-  for pair in nginx:$NW:18781 haproxy:$HP:18782 strata:$SP:18783; do
+for round in $(seq 1 "${ROUNDS:-2}"); do
+  for pair in nginx:$NW:18781 haproxy:$HP:18782 "${stratas[@]}"; do
     IFS=: read -r name pid port <<<"$pair"
     taskset -c 1 wrk -t1 -c64 -d2s "http://127.0.0.1:$port/file1k" > /dev/null
     read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
