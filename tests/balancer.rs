@@ -859,6 +859,10 @@ fn bad_balancer_configs_are_refused_with_reasons() {
         ),
         ("[balancer]\nbackends = [\"localhost\"]\n", "ip:port"),
         (
+            "[balancer]\nbackends = [\"127.0.0.1:1\"]\npipeline = 0\n",
+            "balancer.pipeline",
+        ),
+        (
             "[balancer]\nbackends = [\"127.0.0.1:1\"]\nalgoritm = \"p2c\"\n",
             "did you mean `algorithm`",
         ),
@@ -1095,4 +1099,219 @@ async fn early_hints_are_relayed_as_they_arrive() {
         .unwrap();
     read_until(&mut s, &mut buf, b"final");
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+}
+
+/// What the pipelining test backend saw.
+#[derive(Default)]
+struct PipelineSeen {
+    /// Most requests found complete in the backend's buffer at once: above 1 means the
+    /// balancer pipelined them.
+    most_at_once: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
+}
+
+/// An HTTP/1.1 backend that answers pipelined requests in order, each with its own path
+/// as the body (`/big/...`: 200 kB; `/chunked/...`: chunked; `/hang/...`: never, and
+/// nothing after it on that connection). Like nginx's `keepalive_requests` it ends
+/// connections: an even-numbered one answers its 7th request with `Connection: close`
+/// and closes, dropping whatever was pipelined behind it; an odd-numbered one closes
+/// without a word after reading its 5th. POST bodies are read and answered.
+async fn pipelining_backend(seen: Arc<PipelineSeen>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let id = seen.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut served = 0u64;
+                loop {
+                    let mut chunk = [0u8; 8192];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    // Parse every complete request buffered now.
+                    let mut requests = Vec::new();
+                    loop {
+                        let mut headers = [httparse::EMPTY_HEADER; 32];
+                        let mut req = httparse::Request::new(&mut headers);
+                        let Ok(httparse::Status::Complete(head)) = req.parse(&buf) else {
+                            break;
+                        };
+                        let len: usize = req
+                            .headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                            .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() < head + len {
+                            break;
+                        }
+                        let method = req.method.unwrap_or("").to_owned();
+                        let path = req.path.unwrap_or("").to_owned();
+                        buf.drain(..head + len);
+                        requests.push((method, path));
+                    }
+                    seen.most_at_once
+                        .fetch_max(requests.len() as u64, Ordering::SeqCst);
+                    let mut out = Vec::new();
+                    for (method, path) in requests {
+                        served += 1;
+                        if id % 2 == 1 && served == 5 {
+                            let _ = s.write_all(&out).await;
+                            return;
+                        }
+                        if path.starts_with("/hang/") {
+                            let _ = s.write_all(&out).await;
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            return;
+                        }
+                        let last = id % 2 == 0 && served == 7;
+                        let conn = if last { "connection: close\r\n" } else { "" };
+                        let body = if path.starts_with("/big/") {
+                            path.as_bytes().repeat(200_000 / path.len())
+                        } else {
+                            path.clone().into_bytes()
+                        };
+                        if path.starts_with("/chunked/") && method != "HEAD" {
+                            out.extend_from_slice(
+                                format!("HTTP/1.1 200 OK\r\n{conn}transfer-encoding: chunked\r\n\r\n{:x}\r\n", body.len()).as_bytes(),
+                            );
+                            out.extend_from_slice(&body);
+                            out.extend_from_slice(b"\r\n0\r\n\r\n");
+                        } else {
+                            out.extend_from_slice(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\n{conn}content-length: {}\r\n\r\n",
+                                    body.len()
+                                )
+                                .as_bytes(),
+                            );
+                            if method != "HEAD" {
+                                out.extend_from_slice(&body);
+                            }
+                        }
+                        if last {
+                            let _ = s.write_all(&out).await;
+                            return;
+                        }
+                    }
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_upstream_answers_every_request_with_its_own_response() {
+    let seen = Arc::new(PipelineSeen::default());
+    let backend = pipelining_backend(seen.clone()).await;
+    let lb = Lb::start(
+        &[(backend, 1)],
+        "pipeline = 16\nresponse_timeout = \"1s\"\n[balancer.health]\ninterval = \"60s\"\nconsecutive_failures = 0\n",
+    )
+    .await;
+    // 48 clients, each with its own keep-alive connection, 60 requests each; every answer
+    // must be the one for its own request, though the backend ends a connection every
+    // 5 to 7 requests, half the time dropping pipelined requests without a word.
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..48)
+        .map(|c| {
+            let (url, failures) = (lb.url(""), failures.clone());
+            tokio::spawn(async move {
+                let http = client();
+                for i in 0..60 {
+                    let kind = match (c + i) % 10 {
+                        0 => "big",
+                        1 => "chunked",
+                        _ => "p",
+                    };
+                    let path = format!("/{kind}/{c}/{i}");
+                    let head = i % 13 == 0;
+                    let r = if head {
+                        http.head(format!("{url}{path}")).send().await
+                    } else {
+                        http.get(format!("{url}{path}")).send().await
+                    };
+                    let outcome = match r {
+                        Ok(r) if r.status() == 200 => {
+                            let body = r.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+                            let want = if head {
+                                Vec::new()
+                            } else if kind == "big" {
+                                path.as_bytes().repeat(200_000 / path.len())
+                            } else {
+                                path.clone().into_bytes()
+                            };
+                            (body == want).then_some(()).ok_or(format!(
+                                "{path}: a body of {} bytes that is not its own",
+                                body.len()
+                            ))
+                        }
+                        Ok(r) => Err(format!(
+                            "{path}: {} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        )),
+                        Err(e) => Err(format!("{path}: {e}")),
+                    };
+                    if let Err(e) = outcome {
+                        failures.lock().unwrap().push(e);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        seen.most_at_once.load(Ordering::SeqCst) > 1,
+        "the backend never saw two requests at once: nothing was pipelined"
+    );
+    assert!(
+        seen.connections.load(Ordering::SeqCst) > 10,
+        "the backend ended connections"
+    );
+
+    // A request with a body is never pipelined, and is answered.
+    let r = client()
+        .post(lb.url("/p/post"))
+        .body("0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "/p/post");
+
+    // A response that never comes: that request gets a 504 in time, and the requests
+    // after it are answered.
+    let c = client();
+    let started = Instant::now();
+    let r = c.get(lb.url("/hang/1")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    for i in 0..20 {
+        let r = c
+            .get(lb.url(&format!("/p/after/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), format!("/p/after/{i}"));
+    }
 }

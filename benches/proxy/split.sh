@@ -6,10 +6,13 @@
 # the time goes (utime and stime from /proc/PID/stat; for nginx, its one worker).
 # Several strata binaries (an A/B of two builds) each get their own balancer and take turns
 # with the others in every round, under the same conditions.
-# usage: benches/proxy/split.sh [STRATA_BINARY...]   (needs nginx, haproxy, wrk; ROUNDS=2)
+# A binary given as BINARY@N runs with `pipeline = N` (upstream pipelining; default 1, off),
+# so the same build can be compared with itself: split.sh target/release/strata{,@32}.
+# usage: benches/proxy/split.sh [STRATA_BINARY[@N]...]   (needs nginx, haproxy, wrk; ROUNDS=2)
 set -u
 [[ $# -gt 0 ]] || set -- "$PWD/target/release/strata"
 dir=$(mktemp -d /tmp/strata-split.XXXXXX)
+chmod 755 "$dir" # the backend's worker runs as nobody and must read www/file1k
 mkdir -p "$dir/www" && head -c 1024 /dev/zero | tr '\0' x > "$dir/www/file1k"
 nginx_conf() { # name, http block body
   printf 'worker_processes 1; daemon off; pid %s/%s.pid; error_log %s/%s.err;\nevents { worker_connections 4096; }\nhttp { access_log off; %s }\n' \
@@ -25,9 +28,10 @@ taskset -c 0 haproxy -f "$dir/hp.cfg" > "$dir/hp.log" 2>&1 & HP=$!
 pids=($BE $NP $HP) stratas=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
 i=0
-for bin in "$@"; do
-  port=$((18783 + i)) name=strata; [[ $# -gt 1 ]] && name=$(basename "$bin")
-  printf '[node]\nname = "split-lb%s"\nadmin = "127.0.0.1:0"\n[balancer]\nlisten = "127.0.0.1:%s"\nbackends = ["127.0.0.1:18780"]\n' $i $port > "$dir/lb$i.toml"
+for arg in "$@"; do
+  bin=${arg%@*} depth=1; [[ $arg == *@* ]] && depth=${arg##*@}
+  port=$((18783 + i)) name=strata; [[ $# -gt 1 ]] && name=$(basename "$arg")
+  printf '[node]\nname = "split-lb%s"\nadmin = "127.0.0.1:0"\n[balancer]\nlisten = "127.0.0.1:%s"\nbackends = ["127.0.0.1:18780"]\npipeline = %s\n' $i $port "$depth" > "$dir/lb$i.toml"
   STRATA_LOG=warn taskset -c 0 "$bin" serve --config "$dir/lb$i.toml" > "$dir/lb$i.log" 2>&1 & pids+=($!)
   stratas+=("$name:$!:$port"); i=$((i + 1))
 done

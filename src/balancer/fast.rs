@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::pipe;
 use super::pool::Tried;
 use super::{health, no_backend, problem_for, Balancer, StatusLabel, MAX_ATTEMPTS};
 use crate::config::HttpLimits;
@@ -136,6 +137,10 @@ impl Balancer {
         // The upstream request stays in its buffer, so a retry resends the same bytes; the
         // rules of which requests may be resent are the general path's.
         let replayable = attempts > 1 && headers::idempotent(&info.method) && info.body_len == 0;
+        let pipelined = pool.pipeline > 1
+            && info.body_len == 0
+            && !info.close
+            && (info.method == http::Method::GET || info.method == http::Method::HEAD);
         let head_request = info.method == http::Method::HEAD;
         let request_id = info.request_id.clone();
         let mut tried = Tried::default();
@@ -155,21 +160,19 @@ impl Balancer {
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             backend.metrics.requests.inc();
             let sent_at = std::time::Instant::now();
-            let id = &bufs.up_req[request_id.clone()];
-            let outcome = send(
-                backend,
-                up,
-                &bufs.up_req,
-                &mut bufs.up_resp,
-                &mut bufs.down,
+            let head = HeadRead {
                 head_request,
-                id,
-                info.close,
-                client,
-            )
-            .await;
+                request_id: request_id.clone(),
+                close: info.close,
+                idle: up.idle_timeout,
+            };
+            let outcome = if pipelined {
+                send_pipelined(backend, up, pool.pipeline, bufs, &head, client).await
+            } else {
+                send(backend, up, bufs, &head, client).await
+            };
             match outcome {
-                Ok((conn, resp)) => {
+                Ok((upstream, resp)) => {
                     backend
                         .metrics
                         .latency
@@ -180,12 +183,15 @@ impl Balancer {
                         backend.health.request_ok();
                     }
                     status = resp.status;
-                    let relayed = relay(client, conn, &resp, bufs, up.idle_timeout).await;
+                    let relayed =
+                        relay(client, upstream.stream(), &resp, bufs, up.idle_timeout).await;
                     backend.in_flight.fetch_sub(1, Ordering::Relaxed);
                     keep = match relayed {
-                        Relayed::Reusable(conn) => {
-                            backend.conns.put_raw(conn, up.pool_max_idle);
-                            resp.framing != Framing::UntilClose
+                        Relayed::Complete => {
+                            if !resp.upstream_close {
+                                upstream.reuse(&mut bufs.up_resp, backend, up.pool_max_idle);
+                            }
+                            true
                         }
                         Relayed::Done => resp.framing != Framing::UntilClose,
                         Relayed::Broken => false,
@@ -275,31 +281,76 @@ enum Failed {
     Client,
 }
 
+/// How a response head is read and rewritten for the client.
+struct HeadRead {
+    /// The request was HEAD: the response has no body, whatever it says.
+    head_request: bool,
+    /// Where the request id (echoed to the client) is in the upstream request.
+    request_id: std::ops::Range<usize>,
+    /// The client's connection closes after this exchange.
+    close: bool,
+    /// Longest wait for the client to take a relayed 1xx head.
+    idle: Duration,
+}
+
+/// The upstream connection a response is read from.
+enum Upstream {
+    /// A connection of its own.
+    Conn(RawConn),
+    /// A turn on a pipelined connection.
+    Turn(pipe::Turn),
+}
+
+impl Upstream {
+    fn stream(&self) -> &TcpStream {
+        match self {
+            Upstream::Conn(c) => &c.stream,
+            Upstream::Turn(t) => t.stream(),
+        }
+    }
+
+    /// The response was relayed whole and the upstream keeps the connection open; `read`
+    /// holds what was read past the response (the next pipelined responses, or stray
+    /// bytes that make a connection of its own unusable).
+    fn reuse(self, read: &mut Vec<u8>, backend: &super::Backend, max_idle: usize) {
+        match self {
+            Upstream::Conn(c) if read.is_empty() => backend.conns.put_raw(c, max_idle),
+            Upstream::Conn(_) => {}
+            Upstream::Turn(t) => t.hand_on(
+                std::mem::replace(read, bufs::take()),
+                &backend.conns,
+                max_idle,
+            ),
+        }
+    }
+}
+
+/// A pipelined request whose connection breaks before any byte of its response is sent
+/// again; this many times when the break was not benign ([`pipe::Turn::ended_benignly`]),
+/// before it counts as failed. The response timeout bounds it all.
+const FRUITLESS_RESENDS: usize = 3;
+
+fn response_timeout() -> Failed {
+    Failed::Sent(ProxyError::new(
+        FailureKind::ResponseTimeout,
+        "the backend did not answer in time",
+        None,
+    ))
+}
+
 /// Sends the request on a pooled (or new) connection and reads the final response head
-/// into `resp_buf`; the downstream head is in `down` on success. 1xx heads are relayed to
-/// the client on the way.
-#[allow(clippy::too_many_arguments)]
+/// into `bufs.up_resp`; the downstream head is in `bufs.down` on success. 1xx heads are
+/// relayed to the client on the way.
 async fn send(
     backend: &super::Backend,
     up: &crate::proxy::client::UpstreamSettings,
-    request: &[u8],
-    resp_buf: &mut Vec<u8>,
-    down: &mut Vec<u8>,
-    head_request: bool,
-    request_id: &[u8],
-    close: bool,
+    bufs: &mut Bufs,
+    head: &HeadRead,
     client: &mut TcpStream,
-) -> Result<(RawConn, h1::ResponseInfo), Failed> {
+) -> Result<(Upstream, h1::ResponseInfo), Failed> {
     let mut conn = backend.conns.raw(up).await.map_err(Failed::NotSent)?;
     let deadline = Instant::now() + up.response_timeout;
-    let timeout = || {
-        Failed::Sent(ProxyError::new(
-            FailureKind::ResponseTimeout,
-            "the backend did not answer in time",
-            None,
-        ))
-    };
-    match timed_at(deadline, conn.stream.write_all(request)).await {
+    match timed_at(deadline, conn.stream.write_all(&bufs.up_req)).await {
         Some(Ok(())) => {}
         Some(Err(e)) => {
             let e = ProxyError::new(
@@ -315,21 +366,104 @@ async fn send(
                 Failed::NotSent(e)
             });
         }
-        None => return Err(timeout()),
+        None => return Err(response_timeout()),
     }
-    resp_buf.clear();
+    bufs.up_resp.clear();
+    let resp = read_head(&conn.stream, bufs, head, deadline, client).await?;
+    Ok((Upstream::Conn(conn), resp))
+}
+
+/// [`send`] for a request that may share a pipelined connection ([`pipe`]): the request
+/// joins the batch collecting for `backend` (at most `depth`), and its response head is
+/// read when the ones before it have been relayed. A request whose connection broke
+/// before its response began was not answered and is sent again, on a new connection.
+async fn send_pipelined(
+    backend: &super::Backend,
+    up: &crate::proxy::client::UpstreamSettings,
+    depth: usize,
+    bufs: &mut Bufs,
+    head: &HeadRead,
+    client: &mut TcpStream,
+) -> Result<(Upstream, h1::ResponseInfo), Failed> {
+    let deadline = Instant::now() + up.response_timeout;
+    let mut fruitless = 0;
+    while fruitless < FRUITLESS_RESENDS {
+        let joined = backend.pipes.join(&backend.conns, up, depth, &bufs.up_req);
+        let turn = match joined.await.map_err(Failed::NotSent)? {
+            pipe::Joined::Flusher(f) => match f.flush(deadline).await {
+                Ok(turn) => {
+                    bufs.up_resp.clear();
+                    turn
+                }
+                Err((_, None)) => return Err(response_timeout()),
+                Err((turn, Some(e))) if !turn.reused() => {
+                    return Err(Failed::NotSent(ProxyError::new(
+                        FailureKind::Connect,
+                        "the backend closed the connection before the request was sent",
+                        Some(Box::new(e)),
+                    )))
+                }
+                // A pooled connection the backend had closed: nothing was answered.
+                Err(_) => continue,
+            },
+            pipe::Joined::Member(m) => match timed_at(deadline, m.turn()).await {
+                Some(Ok((turn, read))) => {
+                    bufs::give(std::mem::replace(&mut bufs.up_resp, read));
+                    turn
+                }
+                Some(Err(benign)) => {
+                    fruitless += usize::from(!benign);
+                    continue;
+                }
+                None => return Err(response_timeout()),
+            },
+        };
+        match read_head(turn.stream(), bufs, head, deadline, client).await {
+            Ok(resp) => return Ok((Upstream::Turn(turn), resp)),
+            // The connection ended before any of this response: it was not answered.
+            Err(Failed::Sent(e))
+                if bufs.up_resp.is_empty() && e.kind != FailureKind::ResponseTimeout =>
+            {
+                fruitless += usize::from(!turn.ended_benignly());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Failed::Sent(ProxyError::new(
+        FailureKind::Upstream,
+        "the backend closed its connections before answering",
+        None,
+    )))
+}
+
+/// Reads the final response head from `stream` into `bufs.up_resp` (which may hold its
+/// first bytes already) by `deadline`, relaying 1xx heads to the client; the downstream
+/// head is in `bufs.down` on success.
+async fn read_head(
+    stream: &TcpStream,
+    bufs: &mut Bufs,
+    head: &HeadRead,
+    deadline: Instant,
+    client: &mut TcpStream,
+) -> Result<h1::ResponseInfo, Failed> {
+    let Bufs {
+        up_req,
+        up_resp: resp_buf,
+        down,
+    } = bufs;
+    let request_id = &up_req[head.request_id.clone()];
     loop {
         down.clear();
         if !resp_buf.is_empty() {
-            match h1::prepare_response(resp_buf, head_request, request_id, close, down) {
+            match h1::prepare_response(resp_buf, head.head_request, request_id, head.close, down) {
                 ResponsePrep::Ready(r) if r.informational => {
                     resp_buf.drain(..r.head_len);
-                    if !write_all(client, down, up.idle_timeout).await {
+                    if !write_all(client, down, head.idle).await {
                         return Err(Failed::Client);
                     }
                     continue;
                 }
-                ResponsePrep::Ready(r) => return Ok((conn, r)),
+                ResponsePrep::Ready(r) => return Ok(r),
                 ResponsePrep::Invalid(what) => {
                     return Err(Failed::Sent(ProxyError::new(
                         FailureKind::Upstream,
@@ -341,7 +475,7 @@ async fn send(
             }
         }
         resp_buf.reserve(READ_CHUNK);
-        match timed_at(deadline, conn.stream.read_buf(resp_buf)).await {
+        match timed_at(deadline, read_some(stream, resp_buf)).await {
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) => {
                 return Err(Failed::Sent(ProxyError::new(
@@ -357,15 +491,28 @@ async fn send(
                     Some(Box::new(e)),
                 )))
             }
-            None => return Err(timeout()),
+            None => return Err(response_timeout()),
+        }
+    }
+}
+
+/// Reads what `stream` has into `buf`, waiting for it if need be; 0 at its end. Through a
+/// shared reference, since a pipelined connection is written by one task while another
+/// reads it.
+async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            read => return read,
         }
     }
 }
 
 /// How a relayed response ended.
 enum Relayed {
-    /// Complete, and the upstream connection can carry another request.
-    Reusable(RawConn),
+    /// Complete; whatever was read past its end is in `bufs.up_resp`.
+    Complete,
     /// Complete; the upstream connection is done.
     Done,
     /// Cut short: the client connection must close.
@@ -376,7 +523,7 @@ enum Relayed {
 /// (head included) are in `bufs.up_resp`.
 async fn relay(
     client: &mut TcpStream,
-    mut conn: RawConn,
+    stream: &TcpStream,
     resp: &h1::ResponseInfo,
     bufs: &mut Bufs,
     idle: Duration,
@@ -397,16 +544,16 @@ async fn relay(
         },
         Framing::UntilClose => (body.len(), 0, false),
     };
-    let mut stray = body.len() > take;
     bufs.down.extend_from_slice(&body[..take]);
     if !write_all(client, &bufs.down, idle).await {
         return Relayed::Broken;
     }
+    // Keep what follows this response (a pipelined connection's next one).
+    bufs.up_resp.drain(..resp.head_len + take);
     while !done {
         let buf = &mut bufs.up_resp;
-        buf.clear();
         buf.reserve(READ_CHUNK);
-        let n = match timed(idle, conn.stream.read_buf(buf)).await {
+        let n = match timed(idle, read_some(stream, buf)).await {
             Some(Ok(n)) => n,
             _ => return Relayed::Broken,
         };
@@ -434,16 +581,12 @@ async fn relay(
             },
             _ => n,
         };
-        stray |= n > take;
         if !write_all(client, &buf[..take], idle).await {
             return Relayed::Broken;
         }
+        buf.drain(..take);
     }
-    if stray || resp.upstream_close {
-        Relayed::Done
-    } else {
-        Relayed::Reusable(conn)
-    }
+    Relayed::Complete
 }
 
 /// Writes all of `buf`, waiting at most `idle` each time the client's socket is full.

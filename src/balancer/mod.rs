@@ -10,6 +10,7 @@
 mod fast;
 pub mod health;
 pub mod pick;
+mod pipe;
 pub mod pool;
 pub mod retry;
 
@@ -51,6 +52,8 @@ pub enum BalancerError {
 /// Most attempts a request may make, whatever the config says (bounds the per-request
 /// record of tried backends).
 const MAX_ATTEMPTS: usize = 10;
+/// Most requests in one upstream pipeline.
+const MAX_PIPELINE: usize = 256;
 
 /// Checks a `[balancer]` section; errors name the field and say what to do.
 pub fn validate(cfg: &BalancerConfig) -> Result<(), (String, String)> {
@@ -136,6 +139,12 @@ pub fn validate(cfg: &BalancerConfig) -> Result<(), (String, String)> {
         return bad(
             "retry.attempts",
             format!("from 1 (no retries) to {MAX_ATTEMPTS}"),
+        );
+    }
+    if cfg.pipeline == 0 || cfg.pipeline > MAX_PIPELINE {
+        return bad(
+            "pipeline",
+            format!("from 1 (no pipelining) to {MAX_PIPELINE}"),
         );
     }
     if cfg.http.max_connections == 0 {

@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use super::health::BackendHealth;
 use super::pick::{self, Weights};
+use super::pipe::Pipes;
 use super::retry::RetryBudget;
 use super::MAX_ATTEMPTS;
 use crate::config::balancer::{Algorithm, BalancerConfig, HashKey, HealthConfig, RetryConfig};
@@ -80,6 +81,8 @@ pub struct Backend {
     pub address: SocketAddr,
     /// Its keep-alive connections.
     pub conns: ConnPool,
+    /// Its pipelined batches collecting now (`[balancer] pipeline`).
+    pub pipes: Pipes,
     /// Requests sent to it and not finished (response body included).
     pub in_flight: AtomicU32,
     /// Probe and ejection state.
@@ -98,6 +101,7 @@ impl Backend {
         Backend {
             address,
             conns: ConnPool::new(address),
+            pipes: Pipes::default(),
             in_flight: AtomicU32::new(0),
             health: BackendHealth::new(),
             seed: pick::stable_hash(label.backend.as_bytes()),
@@ -178,6 +182,8 @@ pub struct Pool {
     pub key: Option<KeySource>,
     /// Upstream timeouts and pool limits.
     pub upstream: UpstreamSettings,
+    /// Most requests per upstream pipeline; 1: none.
+    pub pipeline: usize,
     /// Health settings.
     pub health: HealthConfig,
     /// Retry settings.
@@ -232,6 +238,7 @@ impl Pool {
                 pool_idle_timeout: cfg.pool_idle_timeout.get(),
                 pool_max_idle: cfg.pool_max_idle,
             },
+            pipeline: cfg.pipeline,
             health: cfg.health.clone(),
             retry: cfg.retry.clone(),
             budget,

@@ -37,6 +37,12 @@ pub struct BalancerConfig {
     pub pool_idle_timeout: Dur,
     /// Most idle pooled connections kept per backend.
     pub pool_max_idle: usize,
+    /// Most GET and HEAD requests (plain HTTP/1.1 clients, no body) that arrive together
+    /// and travel to a backend as one HTTP/1.1 pipeline on one connection. 1 (the default)
+    /// sends one request per connection at a time. Batching cuts the proxy's system calls
+    /// per request; the price is that requests of one batch wait for each other's
+    /// responses, in order (never for a response already under way when they arrived).
+    pub pipeline: usize,
     /// Active and passive health checking.
     pub health: HealthConfig,
     /// Retrying failed attempts on another backend.
@@ -59,6 +65,7 @@ impl Default for BalancerConfig {
             idle_timeout: Dur::secs(60),
             pool_idle_timeout: Dur::secs(4),
             pool_max_idle: 256,
+            pipeline: 1,
             health: HealthConfig::default(),
             retry: RetryConfig::default(),
             http: HttpLimits::default(),

@@ -1,0 +1,285 @@
+//! Upstream HTTP/1.1 pipelining for the fast path (`[balancer] pipeline`).
+//!
+//! Proxying costs most of its CPU in the kernel: per request one `recv` and one `send` on
+//! the client's connection and the same again on the upstream one, each `send` on
+//! loopback running the receiver's TCP stack too. Requests that arrive together (in one
+//! turn of the scheduler) can share the upstream half: they are written to one upstream
+//! connection as a pipeline, in one `send`, and their responses come back in order, read
+//! by as few `recv`s as the bytes allow.
+//!
+//! A batch forms like this. The first request for a backend that finds no batch collecting
+//! opens one on a pooled (or new) connection and becomes its *flusher*: it yields to the
+//! scheduler ([`tokio::task::yield_now`] runs it again only after every task that was
+//! ready has run), and meanwhile every other request for that backend joins the batch.
+//! Then the flusher writes the whole batch and takes no more joiners, so a request never
+//! waits behind a response that was already on its way when it arrived; it only shares a
+//! fate with the requests that arrived with it.
+//!
+//! Responses are read in order by whoever holds the connection's read *turn*: the first
+//! request of the batch, then each next one, handed on with the bytes already read past
+//! the previous response. A turn dropped without being handed on (failure, timeout, a
+//! client gone mid-body) breaks the pipe: the connection closes and every request still
+//! waiting learns at once that it was not answered, and is sent again on a fresh
+//! connection. Only idempotent requests without a body are pipelined, so that is always
+//! safe (RFC 9112 §9.3.2).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::http::fastio::{bufs, timed_at};
+use crate::proxy::client::{ConnPool, RawConn, UpstreamSettings};
+use crate::proxy::ProxyError;
+
+/// The batches now collecting for one backend (normally none or one).
+#[derive(Default)]
+pub struct Pipes {
+    collecting: Mutex<Vec<Arc<Pipe>>>,
+}
+
+/// One upstream connection carrying one batch of pipelined requests.
+pub struct Pipe {
+    conn: RawConn,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The batch's requests, until the flusher writes them.
+    out: Vec<u8>,
+    /// Requests in the batch.
+    count: usize,
+    /// The requests after the current turn's, in order: each gets the read turn and the
+    /// bytes read past the response before it.
+    waiting: VecDeque<oneshot::Sender<Vec<u8>>>,
+    /// No more turns: the connection is done and everything waiting was told.
+    broken: bool,
+    /// Responses read whole so far.
+    answered: usize,
+}
+
+/// A request's place in a batch.
+pub enum Joined<'a> {
+    /// It opened the batch: call [`Flusher::flush`], then read the first response.
+    Flusher(Flusher<'a>),
+    /// It joined one: [`Member::turn`] waits for its response to be next.
+    Member(Member),
+}
+
+impl Pipes {
+    /// Puts `request` into the batch collecting for this backend, or opens one with at most
+    /// `depth` requests on a connection from `conns`. Fails only when no connection could
+    /// be had (nothing was sent).
+    pub async fn join(
+        &self,
+        conns: &ConnPool,
+        settings: &UpstreamSettings,
+        depth: usize,
+        request: &[u8],
+    ) -> Result<Joined<'_>, ProxyError> {
+        if let Ok(mut list) = self.collecting.lock() {
+            list.retain(|p| !p.state().broken);
+            for pipe in list.iter() {
+                let mut state = pipe.state();
+                if state.count < depth {
+                    let (tx, rx) = oneshot::channel();
+                    state.out.extend_from_slice(request);
+                    state.count += 1;
+                    state.waiting.push_back(tx);
+                    return Ok(Joined::Member(Member {
+                        pipe: pipe.clone(),
+                        rx,
+                    }));
+                }
+            }
+        }
+        let conn = conns.raw(settings).await?;
+        let mut out = bufs::take();
+        out.extend_from_slice(request);
+        let pipe = Arc::new(Pipe {
+            conn,
+            state: Mutex::new(State {
+                out,
+                count: 1,
+                ..State::default()
+            }),
+        });
+        if let Ok(mut list) = self.collecting.lock() {
+            list.push(pipe.clone());
+        }
+        Ok(Joined::Flusher(Flusher {
+            turn: Turn {
+                pipe,
+                handed_on: false,
+            },
+            pipes: self,
+        }))
+    }
+}
+
+impl Pipe {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves nothing half-done that matters here.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ended_benignly(&self) -> bool {
+        self.conn.reused || self.state().answered > 0
+    }
+
+    /// Ends the pipe: everything still waiting is told it was not answered.
+    fn break_off(&self) {
+        let waiting = {
+            let mut state = self.state();
+            state.broken = true;
+            std::mem::take(&mut state.waiting)
+        };
+        drop(waiting);
+    }
+}
+
+/// The request that opened a batch.
+pub struct Flusher<'a> {
+    turn: Turn,
+    pipes: &'a Pipes,
+}
+
+impl Flusher<'_> {
+    /// Lets every ready request join, then writes the batch by `deadline`; on success the
+    /// caller holds the read turn for the first response (its own). On failure, the turn
+    /// says whether the connection was reused ([`Turn::reused`]); `None`: out of time.
+    ///
+    /// Not to be polled through `now_or_never` (as [`crate::http::fastio::timed`] does):
+    /// that poll would use up the yield, and the batch would leave with one request.
+    pub async fn flush(self, deadline: Instant) -> Result<Turn, (Turn, Option<std::io::Error>)> {
+        tokio::task::yield_now().await;
+        let pipe = &self.turn.pipe;
+        let out = {
+            let mut list = self
+                .pipes
+                .collecting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            list.retain(|p| !Arc::ptr_eq(p, pipe));
+            std::mem::take(&mut pipe.state().out)
+        };
+        let written = timed_at(deadline, write_all(&pipe.conn.stream, &out)).await;
+        bufs::give(out);
+        match written {
+            Some(Ok(())) => Ok(self.turn),
+            Some(Err(e)) => Err((self.turn, Some(e))),
+            None => Err((self.turn, None)),
+        }
+    }
+}
+
+/// A request that joined a batch.
+pub struct Member {
+    pipe: Arc<Pipe>,
+    rx: oneshot::Receiver<Vec<u8>>,
+}
+
+impl Member {
+    /// Waits until the responses before this request's have been read: then the read turn
+    /// and the bytes already read past them. `Err`: the pipe broke first, so this request
+    /// was not answered; the flag is [`Turn::ended_benignly`].
+    pub async fn turn(self) -> Result<(Turn, Vec<u8>), bool> {
+        match self.rx.await {
+            Ok(read) => Ok((
+                Turn {
+                    pipe: self.pipe,
+                    handed_on: false,
+                },
+                read,
+            )),
+            Err(_) => Err(self.pipe.ended_benignly()),
+        }
+    }
+}
+
+/// The right to read the next response from a pipe's connection. Dropped without
+/// [`Turn::hand_on`], it breaks the pipe.
+pub struct Turn {
+    pipe: Arc<Pipe>,
+    handed_on: bool,
+}
+
+impl Turn {
+    /// The upstream connection.
+    pub fn stream(&self) -> &TcpStream {
+        &self.pipe.conn.stream
+    }
+
+    /// True when the connection came from the pool (the upstream may have closed it).
+    pub fn reused(&self) -> bool {
+        self.pipe.conn.reused
+    }
+
+    /// True when a connection that ended says nothing about the backend: it came from the
+    /// pool (the backend may close idle connections at any time), or it answered others
+    /// first (a backend may end connections after so many requests, like nginx's
+    /// `keepalive_requests`). Resending its unanswered requests makes progress either way:
+    /// the pool only shrinks, and each such round answered someone.
+    pub fn ended_benignly(&self) -> bool {
+        self.pipe.ended_benignly()
+    }
+
+    /// This turn's response was read to its end and `read` holds the bytes after it: the
+    /// next request's turn begins. After the batch's last response the connection goes
+    /// back to `conns` (with no stray bytes only).
+    pub fn hand_on(mut self, read: Vec<u8>, conns: &ConnPool, max_idle: usize) {
+        self.handed_on = true;
+        let next = {
+            let mut state = self.pipe.state();
+            if state.broken {
+                return bufs::give(read);
+            }
+            state.answered += 1;
+            state.waiting.pop_front()
+        };
+        match next {
+            Some(tx) => {
+                if let Err(read) = tx.send(read) {
+                    // That request gave up waiting; its response would be read by nobody.
+                    bufs::give(read);
+                    self.pipe.break_off();
+                }
+            }
+            None => {
+                let stray = !read.is_empty();
+                bufs::give(read);
+                let pipe = self.pipe.clone();
+                drop(self);
+                match Arc::try_unwrap(pipe) {
+                    Ok(pipe) if !stray => conns.put_raw(pipe.conn, max_idle),
+                    Ok(_) => {}
+                    Err(pipe) => pipe.break_off(),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if !self.handed_on {
+            self.pipe.break_off();
+        }
+    }
+}
+
+/// Writes all of `buf` to a stream others may read at the same time.
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match stream.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
