@@ -4,6 +4,7 @@
 # root after `cargo build --release`, on a quiet machine, as root (compare.sh starts nginx,
 # HAProxy, Varnish and Redis). Usage: benches/final/run.sh [SCENARIO...]
 #   scenarios: static kv1 s2 s5 edge proxy replicas   (default: all)
+# The balancer runs with `pipeline = 32` (upstream pipelining; PIPELINE=1 turns it off).
 set -euo pipefail
 bin=$PWD/target/release/strata
 compare=${COMPARE:-$PWD/../shared/bench/compare.sh}
@@ -67,7 +68,8 @@ upstreams = [\"127.0.0.1:18080\"]"
       start lb "$(node lb 29608)
 [balancer]
 listen = \"127.0.0.1:28608\"
-backends = [\"127.0.0.1:18080\"]"
+backends = [\"127.0.0.1:18080\"]
+pipeline = ${PIPELINE:-32}"
       run "stage 3 balancer proxy" proxy http://127.0.0.1:28608; stop ;;
     replicas)
       # Stage 4 read throughput with 0, 1 and 2 read replicas behind one app. Every node

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::pipe;
+use super::pipe::{self, Unread};
 use super::pool::Tried;
 use super::{health, no_backend, problem_for, Balancer, StatusLabel, MAX_ATTEMPTS};
 use crate::config::HttpLimits;
@@ -312,15 +312,14 @@ impl Upstream {
     /// The response was relayed whole and the upstream keeps the connection open; `read`
     /// holds what was read past the response (the next pipelined responses, or stray
     /// bytes that make a connection of its own unusable).
-    fn reuse(self, read: &mut Vec<u8>, backend: &super::Backend, max_idle: usize) {
+    fn reuse(self, read: &mut Unread, backend: &super::Backend, max_idle: usize) {
         match self {
             Upstream::Conn(c) if read.is_empty() => backend.conns.put_raw(c, max_idle),
             Upstream::Conn(_) => {}
-            Upstream::Turn(t) => t.hand_on(
-                std::mem::replace(read, bufs::take()),
-                &backend.conns,
-                max_idle,
-            ),
+            Upstream::Turn(t) => {
+                let next = std::mem::replace(read, Unread::new(bufs::take()));
+                t.hand_on(next, &backend.conns, max_idle)
+            }
         }
     }
 }
@@ -406,16 +405,19 @@ async fn send_pipelined(
                 // A pooled connection the backend had closed: nothing was answered.
                 Err(_) => continue,
             },
-            pipe::Joined::Member(m) => match timed_at(deadline, m.turn()).await {
-                Some(Ok((turn, read))) => {
-                    bufs::give(std::mem::replace(&mut bufs.up_resp, read));
+            // No timer of its own while it waits (one per request cost ~1k instructions):
+            // every turn before it reads its head by its own deadline, which is this
+            // one's too (the batch left together), and a turn that fails breaks the
+            // pipe at once. Only a body before it that keeps flowing delays it longer.
+            pipe::Joined::Member(m) => match m.turn().await {
+                Ok((turn, read)) => {
+                    bufs::give(std::mem::replace(&mut bufs.up_resp, read).into_buf());
                     turn
                 }
-                Some(Err(benign)) => {
+                Err(benign) => {
                     fruitless += usize::from(!benign);
                     continue;
                 }
-                None => return Err(response_timeout()),
             },
         };
         match read_head(turn.stream(), bufs, head, deadline, client).await {
@@ -455,9 +457,10 @@ async fn read_head(
     loop {
         down.clear();
         if !resp_buf.is_empty() {
-            match h1::prepare_response(resp_buf, head.head_request, request_id, head.close, down) {
+            let unread = resp_buf.bytes();
+            match h1::prepare_response(unread, head.head_request, request_id, head.close, down) {
                 ResponsePrep::Ready(r) if r.informational => {
-                    resp_buf.drain(..r.head_len);
+                    resp_buf.consume(r.head_len);
                     if !write_all(client, down, head.idle).await {
                         return Err(Failed::Client);
                     }
@@ -474,8 +477,8 @@ async fn read_head(
                 ResponsePrep::Partial => {}
             }
         }
-        resp_buf.reserve(READ_CHUNK);
-        match timed_at(deadline, read_some(stream, resp_buf)).await {
+        resp_buf.buf_mut().reserve(READ_CHUNK);
+        match timed_at(deadline, read_some(stream, resp_buf.buf_mut())).await {
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) => {
                 return Err(Failed::Sent(ProxyError::new(
@@ -528,7 +531,7 @@ async fn relay(
     bufs: &mut Bufs,
     idle: Duration,
 ) -> Relayed {
-    let body = &bufs.up_resp[resp.head_len..];
+    let body = &bufs.up_resp.bytes()[resp.head_len..];
     let mut chunked = ChunkedEnd::default();
     // How much of what is buffered belongs to the body, and whether the body is complete.
     let (take, mut remaining, mut done) = match resp.framing {
@@ -549,11 +552,12 @@ async fn relay(
         return Relayed::Broken;
     }
     // Keep what follows this response (a pipelined connection's next one).
-    bufs.up_resp.drain(..resp.head_len + take);
+    bufs.up_resp.consume(resp.head_len + take);
     while !done {
-        let buf = &mut bufs.up_resp;
-        buf.reserve(READ_CHUNK);
-        let n = match timed(idle, read_some(stream, buf)).await {
+        // Everything read so far was used: this read lands at the buffer's start.
+        let unread = &mut bufs.up_resp;
+        unread.buf_mut().reserve(READ_CHUNK);
+        let n = match timed(idle, read_some(stream, unread.buf_mut())).await {
             Some(Ok(n)) => n,
             _ => return Relayed::Broken,
         };
@@ -571,7 +575,7 @@ async fn relay(
                 done = remaining == 0;
                 take as usize
             }
-            Framing::Chunked => match chunked.feed(&buf[..n]) {
+            Framing::Chunked => match chunked.feed(unread.bytes()) {
                 Ok(Some(end)) => {
                     done = true;
                     end
@@ -581,10 +585,10 @@ async fn relay(
             },
             _ => n,
         };
-        if !write_all(client, &buf[..take], idle).await {
+        if !write_all(client, &unread.bytes()[..take], idle).await {
             return Relayed::Broken;
         }
-        buf.drain(..take);
+        unread.consume(take);
     }
     Relayed::Complete
 }
@@ -599,7 +603,7 @@ struct Bufs {
     /// The upstream request (head and body).
     up_req: Vec<u8>,
     /// Bytes read from the upstream.
-    up_resp: Vec<u8>,
+    up_resp: Unread,
     /// Bytes for the client.
     down: Vec<u8>,
 }
@@ -608,14 +612,14 @@ impl Bufs {
     fn take() -> Self {
         Bufs {
             up_req: bufs::take(),
-            up_resp: bufs::take(),
+            up_resp: Unread::new(bufs::take()),
             down: bufs::take(),
         }
     }
 
     fn give_back(&mut self) {
         bufs::give(std::mem::take(&mut self.up_req));
-        bufs::give(std::mem::take(&mut self.up_resp));
+        bufs::give(std::mem::take(&mut self.up_resp).into_buf());
         bufs::give(std::mem::take(&mut self.down));
     }
 }
