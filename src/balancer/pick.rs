@@ -97,6 +97,10 @@ pub fn p2c(
     let Some(a) = draw(None) else {
         return least_loaded(weights.len(), 0, &load, &weight, &ok);
     };
+    if weights.len() < 2 {
+        // No second choice to draw (the draws would all come back `a`).
+        return Some(a);
+    }
     let Some(b) = draw(Some(a)) else {
         return Some(a);
     };

@@ -305,8 +305,11 @@ pub fn prepare_response(
     let mut chunked = false;
     let mut has_id = false;
     let mut has_via = false;
-    for f in fields {
-        match classify(f.name.as_bytes()) {
+    // Each field's class, for the second pass (a field is classified once).
+    let mut classes = [Field::Other; MAX_HEADERS];
+    for (f, class) in fields.iter().zip(classes.iter_mut()) {
+        *class = classify(f.name.as_bytes());
+        match *class {
             Field::Connection => {
                 for t in list_tokens(f.value) {
                     if t.eq_ignore_ascii_case(b"close") {
@@ -365,9 +368,9 @@ pub fn prepare_response(
         None => out.extend_from_slice(resp.reason.unwrap_or("").as_bytes()),
     }
     out.extend_from_slice(b"\r\n");
-    for f in fields {
+    for (f, class) in fields.iter().zip(classes) {
         let name = f.name.as_bytes();
-        let keep = match classify(name) {
+        let keep = match class {
             Field::HopByHop | Field::Connection | Field::Upgrade | Field::Te | Field::Via => false,
             // The chunked framing passes through byte for byte, so its field stays.
             Field::TransferEncoding => framing == Framing::Chunked,
