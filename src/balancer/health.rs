@@ -72,9 +72,14 @@ pub fn may_eject(ejected: usize, total: usize, max_percent: u32) -> bool {
 
 /// Milliseconds on a process-wide monotonic clock; 0 is reserved for "never".
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] for a moment already read from the clock.
+pub fn ms_at(at: Instant) -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    let base = *BASE.get_or_init(|| at);
+    u64::try_from(at.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX) + 1
 }
 
 /// The health of one backend, shared by the request path and the health checker.
