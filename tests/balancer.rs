@@ -366,14 +366,27 @@ async fn distribution_follows_each_algorithm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_backend_is_retried_marked_down_and_returns() {
+    killed_backend("", 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_with_pipelining_is_retried_marked_down_and_returns() {
+    // More clients, so that requests arrive together and share pipelines.
+    killed_backend("pipeline = 8\n", 16).await;
+}
+
+/// Kills one of three app servers under steady GET load through a balancer whose
+/// `[balancer]` section gets `extra`: no client sees an error, health marks it down, and
+/// once restarted it serves again. `clients` GET in a loop.
+async fn killed_backend(extra: &str, clients: usize) {
     let mut apps = [
         App::start("app1").await,
         App::start("app2").await,
         App::start("app3").await,
     ];
     let backends: Vec<(SocketAddr, u32)> = apps.iter().map(|a| (a.addr, 1)).collect();
-    let lb = Lb::start(&backends, FAST_HEALTH).await;
-    let load = Load::start(lb.url("/api/v1/who/me"), 4);
+    let lb = Lb::start(&backends, &format!("{extra}{FAST_HEALTH}")).await;
+    let load = Load::start(lb.url("/api/v1/who/me"), clients);
     wait_until("warm-up", Duration::from_secs(10), || load.ok() > 100).await;
 
     apps[1].node.kill9();
