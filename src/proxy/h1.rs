@@ -368,7 +368,19 @@ pub fn prepare_response(
         None => out.extend_from_slice(resp.reason.unwrap_or("").as_bytes()),
     }
     out.extend_from_slice(b"\r\n");
-    for (f, class) in fields.iter().zip(classes) {
+    // Kept fields go out as they came: a run of consecutive ones whose lines end in CRLF is
+    // one copy from the input (a field at a time was ~1k instructions per response). A
+    // line ending in a bare LF, which httparse accepts, is written anew with CRLF.
+    let base = input.as_ptr() as usize;
+    let line_start = |f: &httparse::Header<'_>| f.name.as_ptr() as usize - base;
+    let head = &input[..head_len];
+    let blank_line = if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\r\n") {
+        head_len - 2
+    } else {
+        head_len - 1
+    };
+    let mut run: Option<usize> = None;
+    for (i, (f, class)) in fields.iter().zip(classes).enumerate() {
         let name = f.name.as_bytes();
         let keep = match class {
             Field::HopByHop | Field::Connection | Field::Upgrade | Field::Te | Field::Via => false,
@@ -378,9 +390,21 @@ pub fn prepare_response(
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name)),
         };
+        let start = line_start(f);
+        let end = fields.get(i + 1).map_or(blank_line, line_start);
+        if keep && input[..end].ends_with(b"\r\n") {
+            run.get_or_insert(start);
+            continue;
+        }
+        if let Some(from) = run.take() {
+            out.extend_from_slice(&input[from..start]);
+        }
         if keep {
             push_field(out, name, f.value);
         }
+    }
+    if let Some(from) = run {
+        out.extend_from_slice(&input[from..blank_line]);
     }
     out.extend_from_slice(b"via: ");
     if has_via {
@@ -836,6 +860,21 @@ mod tests {
             false,
         );
         assert!(i.upstream_close);
+        // Kept fields are copied as they came; lines ending in a bare LF get CRLF.
+        let (_, out) = response(
+            "HTTP/1.1 200 OK\r\nA: 1\r\nB:2  \nKeep-Alive: x\r\nC: 3\r\nD: 4\n\n",
+            false,
+            false,
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nvia: 1.1 strata\r\nx-request-id: rid\r\nconnection: close\r\n\r\n"
+        );
+        let (_, out) = response("HTTP/1.1 200 OK\r\nA: 1\r\nB:  2\r\n\n", false, false);
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\nA: 1\r\nB:  2\r\nvia:"),
+            "{out:?}"
+        );
         for bad in [
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
@@ -845,6 +884,54 @@ mod tests {
             let mut out = Vec::new();
             let p = prepare_response(bad.as_bytes(), false, b"rid", false, &mut out);
             assert!(matches!(p, ResponsePrep::Invalid(_)), "{bad:?}: {p:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever mix of fields and line endings a backend sends, the client gets exactly
+        /// the end-to-end fields, in order, with their values, every line ending in CRLF.
+        #[test]
+        fn response_fields_pass_in_order_with_crlf(
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "A", "x-b", "Content-Type", "Keep-Alive", "TE", "Upgrade",
+                        "proxy-connection", "Date", "ETag",
+                    ]),
+                    "[!-~]([ -~]{0,12}[!-~])?",
+                    proptest::bool::ANY,
+                    "[ ]{0,2}",
+                ),
+                0..8,
+            ),
+            blank_crlf in proptest::bool::ANY,
+        ) {
+            let mut text = String::from("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n");
+            for (name, value, crlf, pad) in &fields {
+                text += &format!("{name}:{pad}{value}{pad}{}", if *crlf { "\r\n" } else { "\n" });
+            }
+            text += if blank_crlf { "\r\n" } else { "\n" };
+            let (_, out) = response(&text, false, false);
+            proptest::prop_assert!(out.ends_with("\r\n\r\n"));
+            proptest::prop_assert!(!out.replace("\r\n", "").contains('\n'), "bare LF in {:?}", out);
+            let mut h = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut h);
+            proptest::prop_assert!(r.parse(out.as_bytes()).is_ok());
+            let got: Vec<(String, String)> = r
+                .headers
+                .iter()
+                .map(|f| (f.name.to_owned(), String::from_utf8_lossy(f.value).into_owned()))
+                .filter(|(n, _)| n != "via" && n != "x-request-id")
+                .collect();
+            let hop = ["Keep-Alive", "TE", "Upgrade", "proxy-connection"];
+            let mut want = vec![("Content-Length".to_owned(), "0".to_owned())];
+            want.extend(
+                fields
+                    .iter()
+                    .filter(|(n, ..)| !hop.contains(n))
+                    .map(|(n, v, ..)| (n.to_string(), v.clone())),
+            );
+            proptest::prop_assert_eq!(got, want);
         }
     }
 
