@@ -34,6 +34,14 @@ use crate::http::fastio::{bufs, timed_at};
 use crate::proxy::client::{ConnPool, RawConn, UpstreamSettings};
 use crate::proxy::ProxyError;
 
+/// Most bytes of requests in one batch (a first request may be larger on its own). The
+/// flusher writes the whole batch before it reads any response, so the batch must fit in
+/// the socket buffers between here and the backend (16 KiB of send buffer and 128 KiB of
+/// receive buffer by Linux's defaults) without the backend having to answer first: else
+/// a backend whose responses fill the buffers the other way stops reading, and both sides
+/// wait on each other until the response timeout.
+pub const MAX_BATCH_BYTES: usize = 32 << 10;
+
 /// The batches now collecting for one backend (normally none or one).
 #[derive(Default)]
 pub struct Pipes {
@@ -84,7 +92,7 @@ impl Pipes {
             list.retain(|p| !p.state().broken);
             for pipe in list.iter() {
                 let mut state = pipe.state();
-                if state.count < depth {
+                if state.count < depth && state.out.len() + request.len() <= MAX_BATCH_BYTES {
                     let (tx, rx) = oneshot::channel();
                     state.out.extend_from_slice(request);
                     state.count += 1;
@@ -338,7 +346,37 @@ impl Unread {
 
 #[cfg(test)]
 mod tests {
-    use super::Unread;
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn batches_stop_at_their_depth_and_their_byte_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conns = ConnPool::new(listener.local_addr().unwrap());
+        let settings = UpstreamSettings {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(2),
+            pool_max_idle: 4,
+        };
+        let pipes = Pipes::default();
+        let small = [b'x'; 100];
+        let first = pipes.join(&conns, &settings, 3, &small).await.unwrap();
+        assert!(matches!(first, Joined::Flusher(_)));
+        for _ in 0..2 {
+            let joined = pipes.join(&conns, &settings, 3, &small).await.unwrap();
+            assert!(matches!(joined, Joined::Member(_)));
+        }
+        // Depth 3 reached: the next request opens a batch of its own.
+        let second = pipes.join(&conns, &settings, 3, &small).await.unwrap();
+        assert!(matches!(second, Joined::Flusher(_)));
+        // A request that would take that batch past its byte limit opens another.
+        let big = vec![b'y'; MAX_BATCH_BYTES];
+        let third = pipes.join(&conns, &settings, 3, &big).await.unwrap();
+        assert!(matches!(third, Joined::Flusher(_)));
+        drop((first, second));
+    }
 
     #[test]
     fn unread_bytes_are_used_from_the_front_and_reads_append() {
