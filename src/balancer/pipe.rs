@@ -58,10 +58,9 @@ pub struct Pipe {
 struct State {
     /// The batch's requests, until the flusher writes them.
     out: Vec<u8>,
-    /// Requests in the batch.
-    count: usize,
     /// The requests after the current turn's, in order: each gets the read turn and the
-    /// bytes read past the response before it.
+    /// bytes read past the response before it. While the batch collects, that is every
+    /// request but the flusher's.
     waiting: VecDeque<oneshot::Sender<Unread>>,
     /// No more turns: the connection is done and everything waiting was told.
     broken: bool,
@@ -92,10 +91,10 @@ impl Pipes {
             list.retain(|p| !p.state().broken);
             for pipe in list.iter() {
                 let mut state = pipe.state();
-                if state.count < depth && state.out.len() + request.len() <= MAX_BATCH_BYTES {
+                let requests = state.waiting.len() + 1;
+                if requests < depth && state.out.len() + request.len() <= MAX_BATCH_BYTES {
                     let (tx, rx) = oneshot::channel();
                     state.out.extend_from_slice(request);
-                    state.count += 1;
                     state.waiting.push_back(tx);
                     return Ok(Joined::Member(Member {
                         pipe: pipe.clone(),
@@ -111,7 +110,6 @@ impl Pipes {
             conn,
             state: Mutex::new(State {
                 out,
-                count: 1,
                 ..State::default()
             }),
         });
