@@ -485,7 +485,7 @@ async fn read_head(
             }
         }
         resp_buf.buf_mut().reserve(READ_CHUNK);
-        match timed_at(deadline, read_some(stream, resp_buf.buf_mut())).await {
+        match timed_at(deadline, pipe::read_shared(stream, resp_buf.buf_mut())).await {
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) => {
                 return Err(Failed::Sent(ProxyError::new(
@@ -502,19 +502,6 @@ async fn read_head(
                 )))
             }
             None => return Err(response_timeout()),
-        }
-    }
-}
-
-/// Reads what `stream` has into `buf`, waiting for it if need be; 0 at its end. Through a
-/// shared reference, since a pipelined connection is written by one task while another
-/// reads it.
-async fn read_some(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match stream.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            read => return read,
         }
     }
 }
@@ -564,7 +551,7 @@ async fn relay(
         // Everything read so far was used: this read lands at the buffer's start.
         let unread = &mut bufs.up_resp;
         unread.buf_mut().reserve(READ_CHUNK);
-        let n = match timed(idle, read_some(stream, unread.buf_mut())).await {
+        let n = match timed(idle, pipe::read_shared(stream, unread.buf_mut())).await {
             Some(Ok(n)) => n,
             _ => return Relayed::Broken,
         };

@@ -172,7 +172,7 @@ impl Flusher<'_> {
             list.retain(|p| !Arc::ptr_eq(p, pipe));
             std::mem::take(&mut pipe.state().out)
         };
-        let written = timed_at(deadline, write_all(&pipe.conn.stream, &out)).await;
+        let written = timed_at(deadline, write_shared(&pipe.conn.stream, &out)).await;
         bufs::give(out);
         match written {
             Some(Ok(())) => Ok(self.turn),
@@ -277,8 +277,21 @@ impl Drop for Turn {
     }
 }
 
-/// Writes all of `buf` to a stream others may read at the same time.
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+/// Reads what `stream` has into `buf`, waiting for it if need be; 0 at its end. Through a
+/// shared reference, since a pipelined connection is written by one task while another
+/// reads it (the fast path reads every upstream connection this way).
+pub async fn read_shared(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            read => return read,
+        }
+    }
+}
+
+/// Writes all of `buf` to a stream another task may be reading.
+async fn write_shared(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
         match stream.try_write(buf) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
