@@ -280,12 +280,32 @@ impl Drop for Turn {
 /// Reads what `stream` has into `buf`, waiting for it if need be; 0 at its end. Through a
 /// shared reference, since a pipelined connection is written by one task while another
 /// reads it (the fast path reads every upstream connection this way).
+///
+/// A read that leaves room in `buf` emptied the socket, so the stream's readiness is
+/// cleared with it, as tokio's own `AsyncRead` does: else the next read finds the stream
+/// "ready", asks the kernel, and gets `EAGAIN` first (one wasted `recv` per proxied
+/// request, `perf stat`: 1.0 per request without pipelining, 0.7 with). The clear uses the
+/// readiness observed before the read (`try_io`), so an event that arrives meanwhile is
+/// kept. One task at a time reads a connection (the turn holder), so it waits in the
+/// socket's one read-waker slot, as [`crate::http::fastio::Waits::request`] does.
 pub async fn read_shared(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use std::io::ErrorKind::WouldBlock;
     loop {
-        stream.readable().await?;
-        match stream.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            read => return read,
+        std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
+        let room = buf.capacity() - buf.len();
+        let mut drained = None;
+        let read = stream.try_io(tokio::io::Interest::READABLE, || {
+            let n = stream.try_read_buf(buf)?;
+            if n > 0 && n < room {
+                drained = Some(n);
+                return Err(WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (read, drained) {
+            (_, Some(n)) => return Ok(n),
+            (Err(e), None) if e.kind() == WouldBlock => {}
+            (read, None) => return read,
         }
     }
 }

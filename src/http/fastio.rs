@@ -87,7 +87,9 @@ impl Waits {
 
     /// Waits, without holding a buffer, until an idle `client` sends something (or
     /// closes). False when `deadline` passes, the socket fails or shutdown begins: drop
-    /// the connection.
+    /// the connection. The connection's task is the socket's only reader, so it waits in
+    /// the socket's one read-waker slot (`poll_read_ready`) rather than joining its
+    /// waiter list (`readable()`), which costs a lock and list updates per wait.
     pub async fn request(&mut self, client: &TcpStream, deadline: Instant) -> bool {
         if self.stopped {
             return false;
@@ -95,7 +97,7 @@ impl Waits {
         self.idle.as_mut().reset(deadline);
         tokio::select! {
             biased;
-            r = client.readable() => r.is_ok(),
+            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => r.is_ok(),
             _ = self.idle.as_mut() => false,
             _ = self.stop.as_mut() => {
                 self.stopped = true;
