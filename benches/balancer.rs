@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the balancer's per-request pure work: header hygiene and the pick
-//! policies. Run: `cargo bench --bench balancer`.
+//! Micro-benchmarks of the balancer's per-request pure work: header hygiene (the general
+//! path's header maps and the fast path's head rewriting) and the pick policies. Run:
+//! `cargo bench --bench balancer`.
 
 // criterion's macros generate undocumented items.
 #![allow(missing_docs)]
@@ -9,6 +10,7 @@ use std::sync::atomic::AtomicUsize;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Version};
 use strata::balancer::pick;
+use strata::proxy::h1::{self, RequestPrep, ResponsePrep};
 use strata::proxy::headers::{self, Forwarding};
 
 fn request_headers() -> HeaderMap {
@@ -37,6 +39,34 @@ fn hygiene(c: &mut Criterion) {
             let mut h = resp.clone();
             headers::to_downstream(&mut h, false, &id);
             black_box(h);
+        })
+    });
+}
+
+/// A request as wrk sends it, and nginx's answer to it (compare.sh's proxy backend).
+const WRK_REQUEST: &[u8] = b"GET /file1k HTTP/1.1\r\nHost: 127.0.0.1:18783\r\n\r\n";
+const NGINX_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n\
+    Date: Sun, 29 Nov 2026 10:38:14 GMT\r\nContent-Type: application/octet-stream\r\n\
+    Content-Length: 1024\r\nLast-Modified: Sun, 29 Nov 2026 10:38:11 GMT\r\n\
+    Connection: keep-alive\r\nETag: \"6b0c0093-400\"\r\n\
+    Cache-Control: public, max-age=300\r\nAccept-Ranges: bytes\r\n\r\n";
+
+fn fast_path_heads(c: &mut Criterion) {
+    let fwd = Forwarding::new("127.0.0.1".parse().unwrap(), "http");
+    let mut out = Vec::with_capacity(4096);
+    c.bench_function("h1::prepare_request (wrk GET)", |b| {
+        b.iter(|| {
+            out.clear();
+            let prep = h1::prepare_request(black_box(WRK_REQUEST), &fwd, |_| None, &mut out);
+            assert!(matches!(prep, RequestPrep::Ready(_)));
+        })
+    });
+    c.bench_function("h1::prepare_response (nginx 200)", |b| {
+        b.iter(|| {
+            out.clear();
+            let prep =
+                h1::prepare_response(black_box(NGINX_RESPONSE), false, b"id-1", false, &mut out);
+            assert!(matches!(prep, ResponsePrep::Ready(_)));
         })
     });
 }
@@ -73,5 +103,5 @@ fn policies(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hygiene, policies);
+criterion_group!(benches, hygiene, fast_path_heads, policies);
 criterion_main!(benches);
