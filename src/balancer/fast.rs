@@ -141,8 +141,13 @@ impl Balancer {
             && info.body_len == 0
             && !info.close
             && (info.method == http::Method::GET || info.method == http::Method::HEAD);
-        let head_request = info.method == http::Method::HEAD;
         let request_id = info.request_id.clone();
+        let head = HeadRead {
+            head_request: info.method == http::Method::HEAD,
+            request_id: request_id.clone(),
+            close: info.close,
+            idle: up.idle_timeout,
+        };
         let mut tried = Tried::default();
         let mut last: Option<(ProxyError, SocketAddr)> = None;
         let mut status = 0u16;
@@ -165,12 +170,6 @@ impl Balancer {
             let backend = &pool.backends[i];
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             backend.metrics.requests.inc();
-            let head = HeadRead {
-                head_request,
-                request_id: request_id.clone(),
-                close: info.close,
-                idle: up.idle_timeout,
-            };
             let outcome = if pipelined {
                 send_pipelined(backend, up, pool.pipeline, sent_at, bufs, &head, client).await
             } else {
@@ -334,6 +333,15 @@ impl Upstream {
 /// before it counts as failed. The response timeout bounds it all.
 const FRUITLESS_RESENDS: usize = 3;
 
+/// A request write the upstream refused.
+fn closed_before_sent(e: std::io::Error) -> ProxyError {
+    ProxyError::new(
+        FailureKind::Connect,
+        "the backend closed the connection before the request was sent",
+        Some(Box::new(e)),
+    )
+}
+
 fn response_timeout() -> Failed {
     Failed::Sent(ProxyError::new(
         FailureKind::ResponseTimeout,
@@ -357,11 +365,7 @@ async fn send(
     match timed_at(deadline, conn.stream.write_all(&bufs.up_req)).await {
         Some(Ok(())) => {}
         Some(Err(e)) => {
-            let e = ProxyError::new(
-                FailureKind::Connect,
-                "the backend closed the connection before the request was sent",
-                Some(Box::new(e)),
-            );
+            let e = closed_before_sent(e);
             // A write refused outright sent nothing; but the upstream may have read part
             // of a request on a reused connection, so only a fresh one counts as unsent.
             return Err(if conn.reused {
@@ -403,11 +407,7 @@ async fn send_pipelined(
                 }
                 Err((_, None)) => return Err(response_timeout()),
                 Err((turn, Some(e))) if !turn.reused() => {
-                    return Err(Failed::NotSent(ProxyError::new(
-                        FailureKind::Connect,
-                        "the backend closed the connection before the request was sent",
-                        Some(Box::new(e)),
-                    )))
+                    return Err(Failed::NotSent(closed_before_sent(e)))
                 }
                 // A pooled connection the backend had closed: nothing was answered.
                 Err(_) => continue,

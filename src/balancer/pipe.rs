@@ -87,7 +87,9 @@ impl Pipes {
         depth: usize,
         request: &[u8],
     ) -> Result<Joined<'_>, ProxyError> {
-        if let Ok(mut list) = self.collecting.lock() {
+        {
+            // (The lock is let go before waiting for a connection.)
+            let mut list = self.list();
             list.retain(|p| !p.state().broken);
             for pipe in list.iter() {
                 let mut state = pipe.state();
@@ -113,9 +115,7 @@ impl Pipes {
                 ..State::default()
             }),
         });
-        if let Ok(mut list) = self.collecting.lock() {
-            list.push(pipe.clone());
-        }
+        self.list().push(pipe.clone());
         Ok(Joined::Flusher(Flusher {
             turn: Turn {
                 pipe,
@@ -123,6 +123,13 @@ impl Pipes {
             },
             pipes: self,
         }))
+    }
+}
+
+impl Pipes {
+    fn list(&self) -> MutexGuard<'_, Vec<Arc<Pipe>>> {
+        // A panic while holding the lock leaves nothing half-done that matters here.
+        self.collecting.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -164,11 +171,7 @@ impl Flusher<'_> {
         tokio::task::yield_now().await;
         let pipe = &self.turn.pipe;
         let out = {
-            let mut list = self
-                .pipes
-                .collecting
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut list = self.pipes.list();
             list.retain(|p| !Arc::ptr_eq(p, pipe));
             std::mem::take(&mut pipe.state().out)
         };
