@@ -412,6 +412,48 @@ mod tests {
         drop((first, second));
     }
 
+    #[tokio::test]
+    async fn a_read_that_drains_the_socket_clears_its_readiness() {
+        use std::task::{Context, Waker};
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (reader, _) = listener.accept().await.unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+
+        writer.write_all(b"0123456789").await.unwrap();
+        let mut buf = Vec::with_capacity(64);
+        assert_eq!(read_shared(&reader, &mut buf).await.unwrap(), 10);
+        assert_eq!(buf, b"0123456789");
+        assert!(
+            reader.poll_read_ready(&mut cx).is_pending(),
+            "drained: the next read waits for the reactor instead of asking the kernel"
+        );
+
+        // A read that fills its buffer may have left bytes behind: the readiness stays.
+        writer.write_all(&[b'x'; 100]).await.unwrap();
+        let mut small = Vec::with_capacity(16);
+        let n = read_shared(&reader, &mut small).await.unwrap();
+        assert_eq!((n, small.capacity()), (16, 16));
+        assert!(reader.poll_read_ready(&mut cx).is_ready());
+        let mut rest = Vec::with_capacity(128);
+        assert_eq!(read_shared(&reader, &mut rest).await.unwrap(), 84);
+        assert!(reader.poll_read_ready(&mut cx).is_pending());
+
+        // Bytes that come after the clear are still seen.
+        writer.write_all(b"later").await.unwrap();
+        let mut later = Vec::with_capacity(64);
+        let read = tokio::time::timeout(Duration::from_secs(5), read_shared(&reader, &mut later));
+        assert_eq!(read.await.expect("new bytes wake the reader").unwrap(), 5);
+        assert_eq!(later, b"later");
+        // The end of the stream reads as 0.
+        drop(writer);
+        let mut end = Vec::with_capacity(8);
+        assert_eq!(read_shared(&reader, &mut end).await.unwrap(), 0);
+    }
+
     #[test]
     fn unread_bytes_are_used_from_the_front_and_reads_append() {
         let mut u = Unread::new(b"stale".to_vec());
