@@ -23,7 +23,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -337,7 +336,7 @@ impl App {
 
     async fn serve_conn(
         self: Arc<Self>,
-        mut client: TcpStream,
+        client: TcpStream,
         peer: SocketAddr,
         shutdown: Shutdown,
         head: HeadLimits,
@@ -378,15 +377,12 @@ impl App {
                     }
                     input = bufs::take();
                 }
-                // A poll read, not `try_read_buf`: a read that leaves space unfilled clears
-                // the socket's readiness, so the next wait costs no `recvfrom` that only
-                // says EAGAIN (one per request otherwise).
                 input.reserve(1024);
                 // Shutting down drops a connection between requests, but a PUT whose body
                 // is arriving is in flight: it gets until its deadline, as on hyper's path.
                 let read = tokio::select! {
                     biased;
-                    r = timed_at(deadline, client.read_buf(&mut input)) => r,
+                    r = timed_at(deadline, fastio::read_into(&client, &mut input)) => r,
                     _ = waits.stopping(), if !in_flight => return None,
                 };
                 match read {
@@ -399,7 +395,7 @@ impl App {
             let written = self.answer(&input, &head, peer, &mut out).await;
             let sent = written
                 && matches!(
-                    timed(head_timeout, client.write_all(&out)).await,
+                    timed(head_timeout, fastio::write_from(&client, &out)).await,
                     Some(Ok(()))
                 );
             bufs::give(out);

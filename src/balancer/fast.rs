@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::FutureExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -49,6 +49,7 @@ impl Balancer {
         // idle connection holds none.
         let mut input: Vec<u8> = Vec::new();
         let mut waits = fastio::Waits::new(&shutdown);
+        let mut timer = fastio::Timer::default();
         loop {
             if *shutdown.borrow() {
                 return None;
@@ -62,7 +63,8 @@ impl Balancer {
                 input = bufs::take();
             }
             let mut bufs = Bufs::take();
-            let deadline = Instant::now() + head_timeout;
+            // Set when a read of this head first has to wait; most heads come in one read.
+            let mut deadline = None;
             let (info, pool) = loop {
                 if !input.is_empty() {
                     // The pool as of this request: loaded once its bytes are here, not when
@@ -94,10 +96,17 @@ impl Balancer {
                     }
                 }
                 input.reserve(READ_CHUNK);
-                let read = tokio::select! {
-                    biased;
-                    r = timed_at(deadline, client.read_buf(&mut input)) => r,
-                    _ = waits.stopping() => return None,
+                let read = match fastio::read_into(&client, &mut input).now_or_never() {
+                    Some(read) => Some(read),
+                    None => {
+                        let deadline =
+                            *deadline.get_or_insert_with(|| Instant::now() + head_timeout);
+                        tokio::select! {
+                            biased;
+                            r = timed_at(deadline, fastio::read_into(&client, &mut input)) => r,
+                            _ = waits.stopping() => return None,
+                        }
+                    }
                 };
                 match read {
                     Some(Ok(n)) if n > 0 => {}
@@ -106,7 +115,15 @@ impl Balancer {
                 }
             };
             let keep = self
-                .exchange(&pool, &mut client, &input, &info, &fwd, &mut bufs)
+                .exchange(
+                    &pool,
+                    &mut client,
+                    &input,
+                    &info,
+                    &fwd,
+                    &mut bufs,
+                    &mut timer,
+                )
                 .await;
             bufs.give_back();
             if !keep || info.close {
@@ -121,6 +138,7 @@ impl Balancer {
 
     /// Forwards one request and relays its answer; false when the client connection
     /// cannot carry another request.
+    #[allow(clippy::too_many_arguments)] // each is the connection's own, borrowed per request
     async fn exchange(
         &self,
         pool: &Arc<super::Pool>,
@@ -129,6 +147,7 @@ impl Balancer {
         info: &RequestInfo,
         fwd: &Forwarding,
         bufs: &mut Bufs,
+        timer: &mut fastio::Timer,
     ) -> bool {
         let started = std::time::Instant::now();
         let up = &pool.upstream;
@@ -142,11 +161,12 @@ impl Balancer {
             && !info.close
             && (info.method == http::Method::GET || info.method == http::Method::HEAD);
         let request_id = info.request_id.clone();
-        let head = HeadRead {
+        let mut head = HeadRead {
             head_request: info.method == http::Method::HEAD,
             request_id: request_id.clone(),
             close: info.close,
             idle: up.idle_timeout,
+            deadline: Instant::from_std(started) + up.response_timeout,
         };
         let mut tried = Tried::default();
         let mut last: Option<(ProxyError, SocketAddr)> = None;
@@ -159,6 +179,7 @@ impl Balancer {
                 0 => started,
                 _ => std::time::Instant::now(),
             };
+            head.deadline = Instant::from_std(sent_at) + up.response_timeout;
             let now = health::ms_at(sent_at);
             if attempt > 0 && !pool.budget.try_retry(now / 1000) {
                 self.budget_exhausted.inc();
@@ -171,9 +192,9 @@ impl Balancer {
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             backend.metrics.requests.inc();
             let outcome = if pipelined {
-                send_pipelined(backend, up, pool.pipeline, sent_at, bufs, &head, client).await
+                send_pipelined(backend, up, pool.pipeline, bufs, &head, client, timer).await
             } else {
-                send(backend, up, bufs, &head, client).await
+                send(backend, up, bufs, &head, client, timer).await
             };
             match outcome {
                 Ok((upstream, resp)) => {
@@ -295,6 +316,9 @@ struct HeadRead {
     close: bool,
     /// Longest wait for the client to take a relayed 1xx head.
     idle: Duration,
+    /// When the attempt's response timeout ends: it runs from the attempt's start, across
+    /// getting a connection, sending, and waiting in a pipeline for the responses before.
+    deadline: Instant,
 }
 
 /// The upstream connection a response is read from.
@@ -359,10 +383,15 @@ async fn send(
     bufs: &mut Bufs,
     head: &HeadRead,
     client: &mut TcpStream,
+    timer: &mut fastio::Timer,
 ) -> Result<(Upstream, h1::ResponseInfo), Failed> {
-    let mut conn = backend.conns.raw(up).await.map_err(Failed::NotSent)?;
-    let deadline = Instant::now() + up.response_timeout;
-    match timed_at(deadline, conn.stream.write_all(&bufs.up_req)).await {
+    let conn = backend.conns.raw(up).await.map_err(Failed::NotSent)?;
+    match timed_at(
+        head.deadline,
+        fastio::write_from(&conn.stream, &bufs.up_req),
+    )
+    .await
+    {
         Some(Ok(())) => {}
         Some(Err(e)) => {
             let e = closed_before_sent(e);
@@ -377,7 +406,7 @@ async fn send(
         None => return Err(response_timeout()),
     }
     bufs.up_resp.clear();
-    let resp = read_head(&conn.stream, bufs, head, deadline, client).await?;
+    let resp = read_head(&conn.stream, bufs, head, client, timer).await?;
     Ok((Upstream::Conn(conn), resp))
 }
 
@@ -385,17 +414,17 @@ async fn send(
 /// joins the batch collecting for `backend` (at most `depth`), and its response head is
 /// read when the ones before it have been relayed. A request whose connection broke
 /// before its response began was not answered and is sent again, on a new connection.
-/// The response timeout runs from `sent_at` (the attempt's start) across all of that.
+/// The response timeout ([`HeadRead::deadline`]) runs across all of that.
 async fn send_pipelined(
     backend: &super::Backend,
     up: &crate::proxy::client::UpstreamSettings,
     depth: usize,
-    sent_at: std::time::Instant,
     bufs: &mut Bufs,
     head: &HeadRead,
     client: &mut TcpStream,
+    timer: &mut fastio::Timer,
 ) -> Result<(Upstream, h1::ResponseInfo), Failed> {
-    let deadline = Instant::from_std(sent_at) + up.response_timeout;
+    let deadline = head.deadline;
     let mut fruitless = 0;
     while fruitless < FRUITLESS_RESENDS {
         let joined = backend.pipes.join(&backend.conns, up, depth, &bufs.up_req);
@@ -427,7 +456,7 @@ async fn send_pipelined(
                 }
             },
         };
-        match read_head(turn.stream(), bufs, head, deadline, client).await {
+        match read_head(turn.stream(), bufs, head, client, timer).await {
             Ok(resp) => return Ok((Upstream::Turn(turn), resp)),
             // The connection ended before any of this response: it was not answered.
             Err(Failed::Sent(e))
@@ -446,14 +475,14 @@ async fn send_pipelined(
 }
 
 /// Reads the final response head from `stream` into `bufs.up_resp` (which may hold its
-/// first bytes already) by `deadline`, relaying 1xx heads to the client; the downstream
+/// first bytes already) by `head.deadline`, on the connection's `timer`, relaying 1xx heads to the client; the downstream
 /// head is in `bufs.down` on success.
 async fn read_head(
     stream: &TcpStream,
     bufs: &mut Bufs,
     head: &HeadRead,
-    deadline: Instant,
     client: &mut TcpStream,
+    timer: &mut fastio::Timer,
 ) -> Result<h1::ResponseInfo, Failed> {
     let Bufs {
         up_req,
@@ -485,7 +514,10 @@ async fn read_head(
             }
         }
         resp_buf.buf_mut().reserve(READ_CHUNK);
-        match timed_at(deadline, pipe::read_shared(stream, resp_buf.buf_mut())).await {
+        match timer
+            .run(head.deadline, fastio::read_into(stream, resp_buf.buf_mut()))
+            .await
+        {
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) => {
                 return Err(Failed::Sent(ProxyError::new(
@@ -551,7 +583,7 @@ async fn relay(
         // Everything read so far was used: this read lands at the buffer's start.
         let unread = &mut bufs.up_resp;
         unread.buf_mut().reserve(READ_CHUNK);
-        let n = match timed(idle, pipe::read_shared(stream, unread.buf_mut())).await {
+        let n = match timed(idle, fastio::read_into(stream, unread.buf_mut())).await {
             Some(Ok(n)) => n,
             _ => return Relayed::Broken,
         };
@@ -588,8 +620,11 @@ async fn relay(
 }
 
 /// Writes all of `buf`, waiting at most `idle` each time the client's socket is full.
-async fn write_all(client: &mut TcpStream, buf: &[u8], idle: Duration) -> bool {
-    matches!(timed(idle, client.write_all(buf)).await, Some(Ok(())))
+async fn write_all(client: &TcpStream, buf: &[u8], idle: Duration) -> bool {
+    matches!(
+        timed(idle, fastio::write_from(client, buf)).await,
+        Some(Ok(()))
+    )
 }
 
 /// The buffers one exchange works in.

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::http::fastio::{bufs, timed_at};
+use crate::http::fastio::{self, bufs, timed_at};
 use crate::proxy::client::{ConnPool, RawConn, UpstreamSettings};
 use crate::proxy::ProxyError;
 
@@ -175,7 +175,7 @@ impl Flusher<'_> {
             list.retain(|p| !Arc::ptr_eq(p, pipe));
             std::mem::take(&mut pipe.state().out)
         };
-        let written = timed_at(deadline, write_shared(&pipe.conn.stream, &out)).await;
+        let written = timed_at(deadline, fastio::write_from(&pipe.conn.stream, &out)).await;
         bufs::give(out);
         match written {
             Some(Ok(())) => Ok(self.turn),
@@ -280,52 +280,6 @@ impl Drop for Turn {
     }
 }
 
-/// Reads what `stream` has into `buf`, waiting for it if need be; 0 at its end. Through a
-/// shared reference, since a pipelined connection is written by one task while another
-/// reads it (the fast path reads every upstream connection this way).
-///
-/// A read that leaves room in `buf` emptied the socket, so the stream's readiness is
-/// cleared with it, as tokio's own `AsyncRead` does: else the next read finds the stream
-/// "ready", asks the kernel, and gets `EAGAIN` first (one wasted `recv` per proxied
-/// request, `perf stat`: 1.0 per request without pipelining, 0.7 with). The clear uses the
-/// readiness observed before the read (`try_io`), so an event that arrives meanwhile is
-/// kept. One task at a time reads a connection (the turn holder), so it waits in the
-/// socket's one read-waker slot, as [`crate::http::fastio::Waits::request`] does.
-pub async fn read_shared(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    use std::io::ErrorKind::WouldBlock;
-    loop {
-        std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
-        let room = buf.capacity() - buf.len();
-        let mut drained = None;
-        let read = stream.try_io(tokio::io::Interest::READABLE, || {
-            let n = stream.try_read_buf(buf)?;
-            if n > 0 && n < room {
-                drained = Some(n);
-                return Err(WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match (read, drained) {
-            (_, Some(n)) => return Ok(n),
-            (Err(e), None) if e.kind() == WouldBlock => {}
-            (read, None) => return read,
-        }
-    }
-}
-
-/// Writes all of `buf` to a stream another task may be reading.
-async fn write_shared(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match stream.try_write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Bytes read from an upstream connection and not yet used: a buffer with a cursor. A
 /// batch's responses arrive together in one buffer; each is used from the front, and
 /// draining them from the front moved the rest every time (quadratic in the batch: 30 %
@@ -410,48 +364,6 @@ mod tests {
         let third = pipes.join(&conns, &settings, 3, &big).await.unwrap();
         assert!(matches!(third, Joined::Flusher(_)));
         drop((first, second));
-    }
-
-    #[tokio::test]
-    async fn a_read_that_drains_the_socket_clears_its_readiness() {
-        use std::task::{Context, Waker};
-        use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut writer = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (reader, _) = listener.accept().await.unwrap();
-        let mut cx = Context::from_waker(Waker::noop());
-
-        writer.write_all(b"0123456789").await.unwrap();
-        let mut buf = Vec::with_capacity(64);
-        assert_eq!(read_shared(&reader, &mut buf).await.unwrap(), 10);
-        assert_eq!(buf, b"0123456789");
-        assert!(
-            reader.poll_read_ready(&mut cx).is_pending(),
-            "drained: the next read waits for the reactor instead of asking the kernel"
-        );
-
-        // A read that fills its buffer may have left bytes behind: the readiness stays.
-        writer.write_all(&[b'x'; 100]).await.unwrap();
-        let mut small = Vec::with_capacity(16);
-        let n = read_shared(&reader, &mut small).await.unwrap();
-        assert_eq!((n, small.capacity()), (16, 16));
-        assert!(reader.poll_read_ready(&mut cx).is_ready());
-        let mut rest = Vec::with_capacity(128);
-        assert_eq!(read_shared(&reader, &mut rest).await.unwrap(), 84);
-        assert!(reader.poll_read_ready(&mut cx).is_pending());
-
-        // Bytes that come after the clear are still seen.
-        writer.write_all(b"later").await.unwrap();
-        let mut later = Vec::with_capacity(64);
-        let read = tokio::time::timeout(Duration::from_secs(5), read_shared(&reader, &mut later));
-        assert_eq!(read.await.expect("new bytes wake the reader").unwrap(), 5);
-        assert_eq!(later, b"later");
-        // The end of the stream reads as 0.
-        drop(writer);
-        let mut end = Vec::with_capacity(8);
-        assert_eq!(read_shared(&reader, &mut end).await.unwrap(), 0);
     }
 
     #[test]
