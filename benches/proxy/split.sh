@@ -8,7 +8,8 @@
 # with the others in every round, under the same conditions.
 # A binary given as BINARY@N runs with `pipeline = N` (upstream pipelining; default 1, off),
 # so the same build can be compared with itself: split.sh target/release/strata{,@32}.
-# usage: benches/proxy/split.sh [STRATA_BINARY[@N]...]   (needs nginx, haproxy, wrk; ROUNDS=2)
+# With ROUNDS > 1 it ends with each server's mean and standard deviation over the rounds.
+# usage: benches/proxy/split.sh [STRATA_BINARY[@N]...]   (needs nginx, haproxy, wrk; ROUNDS=2, SECS=8)
 set -u
 [[ $# -gt 0 ]] || set -- "$PWD/target/release/strata"
 dir=$(mktemp -d /tmp/strata-split.XXXXXX)
@@ -37,16 +38,26 @@ for arg in "$@"; do
 done
 sleep 1.5
 NW=$(pgrep -P $NP)
-hz=$(getconf CLK_TCK)
+hz=$(getconf CLK_TCK) secs=${SECS:-8}
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for pair in nginx:$NW:18781 haproxy:$HP:18782 "${stratas[@]}"; do
     IFS=: read -r name pid port <<<"$pair"
     taskset -c 1 wrk -t1 -c64 -d2s "http://127.0.0.1:$port/file1k" > /dev/null
     read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-    out=$(taskset -c 1 wrk -t1 -c64 -d8s "http://127.0.0.1:$port/file1k")
+    out=$(taskset -c 1 wrk -t1 -c64 -d${secs}s "http://127.0.0.1:$port/file1k")
     read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
     n=$(awk '/requests in/ {print $1}' <<<"$out")
-    python3 -c "n=$n; u=($u1-$u0)/$hz; s=($s1-$s0)/$hz
-print(f'round $round  $name: {n/8:9.0f} req/s  user {u*1e6/n:5.2f} us/req  kernel {s*1e6/n:5.2f} us/req  total {(u+s)*1e6/n:5.2f}')"
+    echo "$round $name $n $((u1 - u0)) $((s1 - s0))"
   done
-done
+done | python3 -c "
+import statistics as st, sys
+hz, secs, seen = $hz, $secs, {}
+for line in sys.stdin:
+    r, name, n, u, s = line.split(); n = int(n); u = int(u) / hz; s = int(s) / hz
+    seen.setdefault(name, []).append(((u + s) * 1e6 / n, u * 1e6 / n))
+    print(f'round {r}  {name}: {n/secs:9.0f} req/s  user {u*1e6/n:5.2f} us/req  kernel {s*1e6/n:5.2f} us/req  total {(u+s)*1e6/n:5.2f}', flush=True)
+if len(next(iter(seen.values()))) > 1:
+    for name, v in seen.items():
+        t = [x[0] for x in v]
+        print(f'{name}: total mean {st.mean(t):5.2f} sd {st.stdev(t):4.2f} us/req, user mean {st.mean(x[1] for x in v):4.2f}')
+"
