@@ -3,7 +3,9 @@
 # balancer, side by side, with compare.sh's proxy setup: each proxy pinned to CPU 0, the
 # nginx backend (/file1k) and wrk (64 connections, 8 s, after 2 s of warm-up) on CPU 1.
 # Two rounds each, interleaved. compare.sh prints the sum; this splits it, to show where
-# the time goes (utime and stime from /proc/PID/stat; for nginx, its one worker).
+# the time goes (utime and stime from /proc/PID/stat; for nginx, its one worker). The last
+# two columns are what CPU 1 spent per request: the backend's worker, and everything on
+# CPU 1 (wrk and the backend, which bound req/s when CPU 1 is saturated).
 # Several strata binaries (an A/B of two builds) each get their own balancer and take turns
 # with the others in every round, under the same conditions.
 # A binary given as BINARY@N runs with `pipeline = N` (upstream pipelining; default 1, off),
@@ -37,25 +39,30 @@ for arg in "$@"; do
   stratas+=("$name:$!:$port"); i=$((i + 1))
 done
 sleep 1.5
-NW=$(pgrep -P $NP)
+NW=$(pgrep -P $NP) BW=$(pgrep -P $BE)
+# CPU 1's busy ticks (user, nice, system, irq, softirq): wrk and the backend share it.
+cpu1_busy() { awk '/^cpu1 / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK) secs=${SECS:-8}
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for pair in nginx:$NW:18781 haproxy:$HP:18782 "${stratas[@]}"; do
     IFS=: read -r name pid port <<<"$pair"
     taskset -c 1 wrk -t1 -c64 -d2s "http://127.0.0.1:$port/file1k" > /dev/null
     read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    b0=$(awk '{print $14 + $15}' "/proc/$BW/stat"); c0=$(cpu1_busy)
     out=$(taskset -c 1 wrk -t1 -c64 -d${secs}s "http://127.0.0.1:$port/file1k")
     read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    b1=$(awk '{print $14 + $15}' "/proc/$BW/stat"); c1=$(cpu1_busy)
     n=$(awk '/requests in/ {print $1}' <<<"$out")
-    echo "$round $name $n $((u1 - u0)) $((s1 - s0))"
+    echo "$round $name $n $((u1 - u0)) $((s1 - s0)) $((b1 - b0)) $((c1 - c0))"
   done
 done | python3 -c "
 import statistics as st, sys
 hz, secs, seen = $hz, $secs, {}
 for line in sys.stdin:
-    r, name, n, u, s = line.split(); n = int(n); u = int(u) / hz; s = int(s) / hz
+    r, name, n, u, s, b, c = line.split(); n = int(n); u = int(u) / hz; s = int(s) / hz
     seen.setdefault(name, []).append(((u + s) * 1e6 / n, u * 1e6 / n))
-    print(f'round {r}  {name}: {n/secs:9.0f} req/s  user {u*1e6/n:5.2f} us/req  kernel {s*1e6/n:5.2f} us/req  total {(u+s)*1e6/n:5.2f}', flush=True)
+    print(f'round {r}  {name}: {n/secs:9.0f} req/s  user {u*1e6/n:5.2f} us/req  kernel {s*1e6/n:5.2f} us/req  total {(u+s)*1e6/n:5.2f}'
+          f'  backend {int(b)/hz*1e6/n:5.2f}  cpu1 {int(c)/hz*1e6/n:5.2f}', flush=True)
 if len(next(iter(seen.values()))) > 1:
     for name, v in seen.items():
         t = [x[0] for x in v]
