@@ -1,6 +1,7 @@
 //! Plumbing shared by the hand-written HTTP/1.1 fast paths (the balancer's proxy path and
-//! the app's record reads): per-thread buffer reuse and timeouts that skip the timer when a
-//! future is ready at once.
+//! the app's record reads): socket reads and writes through shared references, per-thread
+//! buffer reuse, timeouts that skip the timer when a future is ready at once, and the
+//! timers a connection keeps across its requests.
 
 use std::future::Future;
 use std::io;
