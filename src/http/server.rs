@@ -140,7 +140,7 @@ where
             tokio::spawn(async move {
                 if let Some(handoff) = served.await {
                     // Boxed: inline, hyper's connection state would size every fast-path
-                    // connection's task (~1.7 KB more per idle connection) for the few
+                    // connection's task (~2 KB more per idle connection) for the few
                     // that are handed over.
                     Box::pin(serve_handoff(&builder, handoff, make, watcher, peer)).await;
                 }
