@@ -38,7 +38,7 @@ impl Balancer {
 
     async fn serve_conn(
         self: Arc<Self>,
-        mut client: TcpStream,
+        client: TcpStream,
         peer: SocketAddr,
         shutdown: Shutdown,
         head: HeadLimits,
@@ -101,9 +101,10 @@ impl Balancer {
                     None => {
                         let deadline =
                             *deadline.get_or_insert_with(|| Instant::now() + head_timeout);
+                        let read = fastio::read_into(&client, &mut input);
                         tokio::select! {
                             biased;
-                            r = timed_at(deadline, fastio::read_into(&client, &mut input)) => r,
+                            r = tokio::time::timeout_at(deadline, read) => r.ok(),
                             _ = waits.stopping() => return None,
                         }
                     }
@@ -115,15 +116,7 @@ impl Balancer {
                 }
             };
             let keep = self
-                .exchange(
-                    &pool,
-                    &mut client,
-                    &input,
-                    &info,
-                    &fwd,
-                    &mut bufs,
-                    &mut timer,
-                )
+                .exchange(&pool, &client, &input, &info, &fwd, &mut bufs, &mut timer)
                 .await;
             bufs.give_back();
             if !keep || info.close {
@@ -142,7 +135,7 @@ impl Balancer {
     async fn exchange(
         &self,
         pool: &Arc<super::Pool>,
-        client: &mut TcpStream,
+        client: &TcpStream,
         input: &[u8],
         info: &RequestInfo,
         fwd: &Forwarding,
@@ -279,7 +272,7 @@ impl Balancer {
 
     async fn answer_locally(
         &self,
-        client: &mut TcpStream,
+        client: &TcpStream,
         problem: &Problem,
         request_id: &[u8],
         close: bool,
@@ -382,7 +375,7 @@ async fn send(
     up: &crate::proxy::client::UpstreamSettings,
     bufs: &mut Bufs,
     head: &HeadRead,
-    client: &mut TcpStream,
+    client: &TcpStream,
     timer: &mut fastio::Timer,
 ) -> Result<(Upstream, h1::ResponseInfo), Failed> {
     let conn = backend.conns.raw(up).await.map_err(Failed::NotSent)?;
@@ -421,7 +414,7 @@ async fn send_pipelined(
     depth: usize,
     bufs: &mut Bufs,
     head: &HeadRead,
-    client: &mut TcpStream,
+    client: &TcpStream,
     timer: &mut fastio::Timer,
 ) -> Result<(Upstream, h1::ResponseInfo), Failed> {
     let deadline = head.deadline;
@@ -475,13 +468,13 @@ async fn send_pipelined(
 }
 
 /// Reads the final response head from `stream` into `bufs.up_resp` (which may hold its
-/// first bytes already) by `head.deadline`, on the connection's `timer`, relaying 1xx heads to the client; the downstream
-/// head is in `bufs.down` on success.
+/// first bytes already) by `head.deadline`, waiting on the connection's `timer`, and
+/// relays 1xx heads to the client; the downstream head is in `bufs.down` on success.
 async fn read_head(
     stream: &TcpStream,
     bufs: &mut Bufs,
     head: &HeadRead,
-    client: &mut TcpStream,
+    client: &TcpStream,
     timer: &mut fastio::Timer,
 ) -> Result<h1::ResponseInfo, Failed> {
     let Bufs {
@@ -551,7 +544,7 @@ enum Relayed {
 /// Relays the response whose downstream head is in `bufs.down` and whose first bytes
 /// (head included) are in `bufs.up_resp`.
 async fn relay(
-    client: &mut TcpStream,
+    client: &TcpStream,
     stream: &TcpStream,
     resp: &h1::ResponseInfo,
     bufs: &mut Bufs,
