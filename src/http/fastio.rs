@@ -340,6 +340,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn arming_a_timer_never_makes_it_early_nor_more_than_slack_late() {
+        let start = Instant::now();
+        let s = Duration::from_secs;
+        let mut sleep = Box::pin(tokio::time::sleep_until(start + s(10)));
+        // Already within the slack of the deadline: left alone.
+        arm(sleep.as_mut(), start + s(10) - SLACK / 2);
+        assert_eq!(sleep.deadline(), start + s(10));
+        // Behind the deadline: moved to it plus the slack.
+        arm(sleep.as_mut(), start + s(20));
+        assert_eq!(sleep.deadline(), start + s(20) + SLACK);
+        // Far past the deadline (a shorter timeout after a reload): brought back.
+        arm(sleep.as_mut(), start + s(5));
+        assert_eq!(sleep.deadline(), start + s(5) + SLACK);
+    }
+
+    #[tokio::test]
     async fn a_reused_timer_keeps_each_deadline() {
         let ms = Duration::from_millis;
         let mut timer = Timer::default();
