@@ -9,6 +9,7 @@
 //! so far. The policy is the general path's: same picks, health accounting, retry rules and
 //! budget, timeouts, metrics, access log and problem+json answers.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -566,8 +567,9 @@ async fn relay(
         },
         Framing::UntilClose => (body.len(), 0, false),
     };
-    bufs.down.extend_from_slice(&body[..take]);
-    if !write_all(client, &bufs.down, idle).await {
+    // The head and the body's first bytes go out in one call, the body from where it was read.
+    let parts = &mut [IoSlice::new(&bufs.down), IoSlice::new(&body[..take])];
+    if !write_all_parts(client, parts, idle).await {
         return Relayed::Broken;
     }
     // Keep what follows this response (a pipelined connection's next one).
@@ -614,8 +616,13 @@ async fn relay(
 
 /// Writes all of `buf`, waiting at most `idle` each time the client's socket is full.
 async fn write_all(client: &TcpStream, buf: &[u8], idle: Duration) -> bool {
+    write_all_parts(client, &mut [IoSlice::new(buf)], idle).await
+}
+
+/// [`write_all`] for bytes in several places.
+async fn write_all_parts(client: &TcpStream, parts: &mut [IoSlice<'_>], idle: Duration) -> bool {
     matches!(
-        timed(idle, fastio::write_from(client, buf)).await,
+        timed(idle, fastio::write_parts_from(client, parts)).await,
         Some(Ok(()))
     )
 }
@@ -626,7 +633,7 @@ struct Bufs {
     up_req: Vec<u8>,
     /// Bytes read from the upstream.
     up_resp: Unread,
-    /// Bytes for the client.
+    /// Heads (and local answers) for the client; bodies go out from `up_resp`.
     down: Vec<u8>,
 }
 

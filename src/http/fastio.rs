@@ -4,7 +4,7 @@
 //! timers a connection keeps across its requests.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -93,15 +93,29 @@ pub async fn read_into(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usiz
 /// Writes all of `buf` to `stream`, waiting while its send buffer is full; through a
 /// shared reference and a raw `send`, as [`read_into`] reads. One task at a time writes a
 /// connection.
-pub async fn write_from(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
+pub async fn write_from(stream: &TcpStream, buf: &[u8]) -> io::Result<()> {
+    write_parts_from(stream, &mut [IoSlice::new(buf)]).await
+}
+
+/// [`write_from`] for bytes in several places: one `sendmsg` takes them all, so a relayed
+/// response's body goes out behind its rewritten head without being copied after it first
+/// (that copy, ~1 KiB per proxied request, was ~2 % of the balancer's CPU, `perf record`).
+/// A single part is written with `send`.
+pub async fn write_parts_from(stream: &TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let mut parts = parts;
+    IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
         std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
-            Ok(net::send(stream, buf, net::SendFlags::NOSIGNAL)?)
+            let flags = net::SendFlags::NOSIGNAL;
+            Ok(match &*parts {
+                [one] => net::send(stream, one, flags)?,
+                many => net::sendmsg(stream, many, &mut Default::default(), flags)?,
+            })
         });
         match sent {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -319,7 +333,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn write_from_waits_out_a_full_send_buffer() {
+    async fn writes_wait_out_a_full_send_buffer() {
         use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let writer = TcpStream::connect(listener.local_addr().unwrap())
@@ -333,7 +347,13 @@ mod tests {
             reader.read_to_end(&mut got).await.unwrap();
             got
         });
-        write_from(&writer, &data).await.unwrap();
+        // One part, then several (one empty), each far larger than the socket buffers,
+        // so partial writes end inside a part and at a part's end.
+        let (a, rest) = data.split_at(3 << 20);
+        let (b, c) = rest.split_at((3 << 20) + 1);
+        write_from(&writer, a).await.unwrap();
+        let parts = &mut [IoSlice::new(b), IoSlice::new(&[]), IoSlice::new(c)];
+        write_parts_from(&writer, parts).await.unwrap();
         let mut writer = writer;
         writer.shutdown().await.unwrap();
         assert!(reading.await.unwrap() == data, "every byte, in order");
