@@ -629,6 +629,69 @@ async fn abusive_clients_do_not_disturb_others() {
     assert_eq!(got["blob"].as_str().unwrap().len(), 200_000);
 }
 
+/// Reads one response (head and `Content-Length` body) from a keep-alive connection: its
+/// status and body.
+fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().expect("content-length"));
+            if buf.len() >= end + 4 + len {
+                let status = raw_status(&head).expect("status");
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return (status, body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed before the answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A keep-alive connection that goes quiet for longer than the balancer keeps its request
+/// state (a second) is served again when it speaks, and is closed at its idle timeout
+/// (the head timeout), counted from its last answer, not at the end of that second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_keep_alive_connection_is_served_again_then_closed_at_its_idle_timeout() {
+    let app = App::start("app1").await;
+    let extra = "[balancer.http]\nheader_read_timeout = \"4s\"\n";
+    let lb = Lb::start(&[(app.addr, 1)], extra).await;
+    let addr = lb.addr;
+    let closed_after = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = Vec::new();
+        for quiet in [0.0, 1.5, 2.5] {
+            std::thread::sleep(Duration::from_secs_f64(quiet));
+            s.write_all(b"GET /api/v1/who/me HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("write");
+            let (status, body) = read_one(&mut s, &mut buf);
+            assert_eq!(status, 200, "after {quiet} s quiet: {body}");
+            assert!(body.contains("app1"), "after {quiet} s quiet: {body}");
+        }
+        let since = Instant::now();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .expect("the balancer closes the connection");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        since.elapsed()
+    })
+    .await
+    .expect("client");
+    assert!(
+        closed_after >= Duration::from_millis(3500) && closed_after < Duration::from_secs(8),
+        "closed {closed_after:?} after the last answer, expected ~4 s"
+    );
+    // The balancer serves others as before.
+    let c = client();
+    assert_eq!(who(&c, &lb, &[]).await, "app1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_and_removes_backends_under_load() {
     let apps = [

@@ -372,7 +372,7 @@ impl App {
                 if input.is_empty() {
                     // Wait for the next request without holding a buffer.
                     bufs::give(std::mem::take(&mut input));
-                    if !waits.request(&client, deadline).await {
+                    if waits.request(&client, deadline).await != fastio::Waited::Request {
                         return None;
                     }
                     input = bufs::take();

@@ -183,6 +183,17 @@ impl Timer {
     }
 }
 
+/// How a wait for a connection's next request ([`Waits::request`]) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// The client sent something, or closed.
+    Request,
+    /// The deadline passed.
+    Expired,
+    /// The socket failed or shutdown began.
+    Closed,
+}
+
 /// What a fast-path connection waits on between requests, made once per connection: an
 /// idle timer that each wait moves forward and one shutdown future. A timeout and a watch
 /// subscription made per wait cost ~1.8k instructions per request (callgrind, app PUT):
@@ -206,23 +217,26 @@ impl Waits {
     }
 
     /// Waits, without holding a buffer, until an idle `client` sends something (or
-    /// closes). False when `deadline` passes (within [`SLACK`]), the socket fails or
-    /// shutdown begins: drop the connection. The connection's task is the socket's only
-    /// reader, so it waits in the socket's one read-waker slot (`poll_read_ready`) rather
-    /// than joining its waiter list (`readable()`), which costs a lock and list updates
-    /// per wait.
-    pub async fn request(&mut self, client: &TcpStream, deadline: Instant) -> bool {
+    /// closes: [`Waited::Request`] too, and the read finds the end). [`Waited::Expired`]
+    /// when `deadline` passes (within [`SLACK`]); [`Waited::Closed`] when the socket fails
+    /// or shutdown begins. The connection's task is the socket's only reader, so it waits
+    /// in the socket's one read-waker slot (`poll_read_ready`) rather than joining its
+    /// waiter list (`readable()`), which costs a lock and list updates per wait.
+    pub async fn request(&mut self, client: &TcpStream, deadline: Instant) -> Waited {
         if self.stopped {
-            return false;
+            return Waited::Closed;
         }
         arm(self.idle.as_mut(), deadline);
         tokio::select! {
             biased;
-            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => r.is_ok(),
-            _ = self.idle.as_mut() => false,
+            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)) => match r {
+                Ok(()) => Waited::Request,
+                Err(_) => Waited::Closed,
+            },
+            _ = self.idle.as_mut() => Waited::Expired,
             _ = self.stop.as_mut() => {
                 self.stopped = true;
-                false
+                Waited::Closed
             }
         }
     }
