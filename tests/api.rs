@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::Node;
+use common::{read_response, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_api_suite_embedded() {
@@ -18,48 +18,6 @@ async fn fast_reads(node: &Node) -> u64 {
 /// PUTs answered by the app's fast path, from the node's metrics.
 async fn fast_writes(node: &Node) -> u64 {
     node.metric("strata_app_fast_path_writes_total").await as u64
-}
-
-/// Reads one HTTP/1.1 response (head and Content-Length body) from `s`; `head_only` for
-/// answers to HEAD. Returns the head without its `date` line, and the body.
-fn read_response(
-    s: &mut std::net::TcpStream,
-    buf: &mut Vec<u8>,
-    head_only: bool,
-) -> (String, String) {
-    use std::io::Read;
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            let body_len = if head_only || head.starts_with("HTTP/1.1 304") {
-                0
-            } else {
-                len
-            };
-            if buf.len() >= end + 4 + body_len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + body_len]).into_owned();
-                buf.drain(..end + 4 + body_len);
-                let head = head
-                    .lines()
-                    .filter(|l| !l.starts_with("date: "))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                return (head, body);
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).expect("read");
-        assert!(
-            n > 0,
-            "closed early; have {:?}",
-            String::from_utf8_lossy(buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// Record reads from plain HTTP/1.1 clients take the app's fast path; everything else goes

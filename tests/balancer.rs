@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::tls::{pem_der, tls_connect};
-use common::{client, raw, raw_status, Node};
+use common::{client, raw, raw_status, read_response, Node};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -629,30 +629,6 @@ async fn abusive_clients_do_not_disturb_others() {
     assert_eq!(got["blob"].as_str().unwrap().len(), 200_000);
 }
 
-/// Reads one response (head and `Content-Length` body) from a keep-alive connection: its
-/// status and body.
-fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().expect("content-length"));
-            if buf.len() >= end + 4 + len {
-                let status = raw_status(&head).expect("status");
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                buf.drain(..end + 4 + len);
-                return (status, body);
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).expect("read");
-        assert!(n > 0, "closed before the answer");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 /// A keep-alive connection that goes quiet for longer than the balancer keeps its request
 /// state (a second) is served again when it speaks, and is closed at its idle timeout
 /// (the head timeout), counted from its last answer, not at the end of that second.
@@ -670,8 +646,12 @@ async fn a_quiet_keep_alive_connection_is_served_again_then_closed_at_its_idle_t
             std::thread::sleep(Duration::from_secs_f64(quiet));
             s.write_all(b"GET /api/v1/who/me HTTP/1.1\r\nHost: x\r\n\r\n")
                 .expect("write");
-            let (status, body) = read_one(&mut s, &mut buf);
-            assert_eq!(status, 200, "after {quiet} s quiet: {body}");
+            let (head, body) = read_response(&mut s, &mut buf, false);
+            assert_eq!(
+                raw_status(&head),
+                Some(200),
+                "after {quiet} s quiet: {head}"
+            );
             assert!(body.contains("app1"), "after {quiet} s quiet: {body}");
         }
         let since = Instant::now();

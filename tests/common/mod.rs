@@ -261,6 +261,43 @@ pub fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads one HTTP/1.1 response (head and Content-Length body) from `s`; `head_only` for
+/// answers to HEAD. Returns the head without its `date` line, and the body.
+pub fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> (String, String) {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let body_len = if head_only || head.starts_with("HTTP/1.1 304") {
+                0
+            } else {
+                len
+            };
+            if buf.len() >= end + 4 + body_len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + body_len]).into_owned();
+                buf.drain(..end + 4 + body_len);
+                let head = head
+                    .lines()
+                    .filter(|l| !l.starts_with("date: "))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return (head, body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("read");
+        assert!(
+            n > 0,
+            "closed early; have {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// The status code of a raw HTTP response, if there is one.
 pub fn raw_status(response: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
