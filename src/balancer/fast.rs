@@ -154,11 +154,12 @@ impl Balancer {
                 bufs::give(std::mem::take(input));
                 // The next request, within the busy window (or the idle timeout, if sooner).
                 let now = Instant::now();
-                let quiet = head.timeout > BUSY_WINDOW;
-                let wait = if quiet { BUSY_WINDOW } else { head.timeout };
+                let wait = head.timeout.min(BUSY_WINDOW);
                 match waits.request(client, now + wait).await {
                     Waited::Request => {}
-                    Waited::Expired if quiet => return Busy::Quiet(now + head.timeout),
+                    Waited::Expired if wait < head.timeout => {
+                        return Busy::Quiet(now + head.timeout)
+                    }
                     _ => return Busy::Done,
                 }
             }
@@ -204,11 +205,15 @@ impl Balancer {
         for attempt in 0..attempts {
             // One clock read per attempt serves the health clock, the latency metric and
             // the response deadline (clock reads were ~2 % of the proxy's instructions).
+            // The first attempt's deadline was set with `head`, from the same instant.
             let sent_at = match attempt {
                 0 => started,
-                _ => std::time::Instant::now(),
+                _ => {
+                    let t = std::time::Instant::now();
+                    head.deadline = Instant::from_std(t) + up.response_timeout;
+                    t
+                }
             };
-            head.deadline = Instant::from_std(sent_at) + up.response_timeout;
             let now = health::ms_at(sent_at);
             if attempt > 0 && !pool.budget.try_retry(now / 1000) {
                 self.budget_exhausted.inc();
