@@ -97,11 +97,10 @@ pub async fn write_from(stream: &TcpStream, buf: &[u8]) -> io::Result<()> {
     write_parts_from(stream, &mut [IoSlice::new(buf)]).await
 }
 
-/// [`write_from`] for bytes in several places: one `sendmsg` takes them all, so a relayed
-/// response's body goes out behind its rewritten head without being copied after it first
-/// (that copy, ~1 KiB per proxied request, cost ~0.1–0.2 µs of the balancer's ~8.5 per
-/// request, `benches/proxy/split.sh`).
-/// A single part is written with `send`.
+/// [`write_from`] for bytes in several places: one `sendmsg` takes them all (a single part
+/// goes with `send`), so a relayed response's body goes out behind its rewritten head
+/// without being copied after it first (that copy, ~1 KiB per proxied request, cost
+/// ~0.1–0.2 µs of the balancer's ~8.5 per request, `benches/proxy/split.sh`).
 pub async fn write_parts_from(stream: &TcpStream, parts: &mut [IoSlice<'_>]) -> io::Result<()> {
     let mut parts = parts;
     IoSlice::advance_slices(&mut parts, 0);
