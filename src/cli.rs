@@ -246,10 +246,12 @@ pub fn main() -> anyhow::Result<()> {
             let runtime = if cores == 1 {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .on_thread_park(crate::wake::before_park)
                     .build()?
             } else {
                 tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
+                    .on_thread_park(crate::wake::before_park)
                     .build()?
             };
             runtime.block_on(crate::node::run(source))?;

@@ -17,6 +17,7 @@
 //! | [`balancer`] | the balancer role: backend pool, pick policies, health, retry budget, TLS |
 //! | [`proxy`] | forwarding upstream: pooled client, header hygiene, streaming bodies |
 //! | [`metrics`] | the Prometheus registry every role reports into |
+//! | [`wake`] | wake-up coalescing: a short nap before the runtime waits for I/O under load |
 
 pub mod app;
 pub mod balancer;
@@ -31,3 +32,4 @@ pub mod node;
 pub mod proxy;
 pub mod storage;
 pub mod tls;
+pub mod wake;

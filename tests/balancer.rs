@@ -431,6 +431,65 @@ async fn killed_backend(extra: &str, clients: usize) {
     }
 }
 
+/// The balancer's `balancer_wake_naps` counter.
+async fn naps(lb: &Lb) -> u64 {
+    let metrics = lb.node.metrics_text().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("strata_balancer_wake_naps_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no wake naps counter in\n{metrics}"))
+}
+
+/// `clients` clients each GET `/api/v1/who/me` `each` times, concurrently, on keep-alive
+/// connections; every answer must be app1's.
+async fn burst(lb: &Lb, clients: usize, each: usize) {
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let url = lb.url("/api/v1/who/me");
+            tokio::spawn(async move {
+                let c = client();
+                for _ in 0..each {
+                    let r = c.get(&url).send().await.expect("GET");
+                    assert_eq!(r.status(), 200);
+                    let v: Value = r.json().await.expect("json");
+                    assert_eq!(v["name"], "app1", "{v}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("client task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_coalescing_naps_only_under_load_and_follows_reloads() {
+    let app = App::start("app1").await;
+    let backends = [(app.addr, 1)];
+    let on = "pipeline = 8\ncoalesce_wakeups = \"500us\"\ncoalesce_min_in_flight = 4\n";
+    let lb = Lb::start(&backends, on).await;
+
+    // One client at a time never has 4 requests in flight: no naps, and every answer.
+    burst(&lb, 1, 50).await;
+    assert_eq!(naps(&lb).await, 0, "napped with one request in flight");
+
+    // Many clients at once do, and are all answered.
+    burst(&lb, 64, 20).await;
+    let napped = naps(&lb).await;
+    assert!(napped > 0, "no naps under concurrent load");
+
+    // Switched off by a reload: the same load, no more naps.
+    lb.reconfigure(&backends, "pipeline = 8\ncoalesce_wakeups = \"0s\"\n")
+        .await;
+    burst(&lb, 64, 20).await;
+    assert_eq!(
+        naps(&lb).await,
+        napped,
+        "napped after coalescing was turned off"
+    );
+}
+
 /// A backend that accepts connections and never answers.
 async fn hanging_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -919,6 +978,14 @@ fn bad_balancer_configs_are_refused_with_reasons() {
         (
             "[balancer]\nbackends = [\"127.0.0.1:1\"]\npipeline = 0\n",
             "balancer.pipeline",
+        ),
+        (
+            "[balancer]\nbackends = [\"127.0.0.1:1\"]\ncoalesce_wakeups = \"5ms\"\n",
+            "balancer.coalesce_wakeups",
+        ),
+        (
+            "[balancer]\nbackends = [\"127.0.0.1:1\"]\ncoalesce_min_in_flight = 0\n",
+            "balancer.coalesce_min_in_flight",
         ),
         (
             "[balancer]\nbackends = [\"127.0.0.1:1\"]\nalgoritm = \"p2c\"\n",

@@ -10,6 +10,8 @@
 # with the others in every round, under the same conditions.
 # A binary given as BINARY@N runs with `pipeline = N` (upstream pipelining; default 1, off),
 # so the same build can be compared with itself: split.sh target/release/strata{,@32}.
+# A further ~NAP sets `coalesce_wakeups` (wake-up coalescing, default "0s": off), e.g.
+# target/release/strata@32~200us.
 # With ROUNDS > 1 it ends with each server's mean and standard deviation over the rounds.
 # usage: benches/proxy/split.sh [STRATA_BINARY[@N]...]   (needs nginx, haproxy, wrk; ROUNDS=2, SECS=8)
 set -u
@@ -32,9 +34,10 @@ pids=($BE $NP $HP) stratas=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$dir"' EXIT
 i=0
 for arg in "$@"; do
-  bin=${arg%@*} depth=1; [[ $arg == *@* ]] && depth=${arg##*@}
+  nap=0s; [[ $arg == *~* ]] && nap=${arg##*~}
+  spec=${arg%~*} bin=${spec%@*} depth=1; [[ $spec == *@* ]] && depth=${spec##*@}
   port=$((18783 + i)) name=strata; [[ $# -gt 1 ]] && name=$(basename "$arg")
-  printf '[node]\nname = "split-lb%s"\nadmin = "127.0.0.1:0"\n[balancer]\nlisten = "127.0.0.1:%s"\nbackends = ["127.0.0.1:18780"]\npipeline = %s\n' $i $port "$depth" > "$dir/lb$i.toml"
+  printf '[node]\nname = "split-lb%s"\nadmin = "127.0.0.1:0"\n[balancer]\nlisten = "127.0.0.1:%s"\nbackends = ["127.0.0.1:18780"]\npipeline = %s\ncoalesce_wakeups = "%s"\n' $i $port "$depth" "$nap" > "$dir/lb$i.toml"
   STRATA_LOG=warn taskset -c 0 "$bin" serve --config "$dir/lb$i.toml" > "$dir/lb$i.log" 2>&1 & pids+=($!)
   stratas+=("$name:$!:$port"); i=$((i + 1))
 done

@@ -147,6 +147,18 @@ pub fn validate(cfg: &BalancerConfig) -> Result<(), (String, String)> {
             format!("from 1 (no pipelining) to {MAX_PIPELINE}"),
         );
     }
+    if cfg.coalesce_wakeups.get() > crate::wake::MAX_NAP {
+        return bad(
+            "coalesce_wakeups",
+            format!(
+                "at most {} (it adds up to that much latency per wake-up)",
+                crate::config::units::Dur(crate::wake::MAX_NAP)
+            ),
+        );
+    }
+    if cfg.coalesce_min_in_flight == 0 {
+        return bad("coalesce_min_in_flight", "must be at least 1".into());
+    }
     if cfg.http.max_connections == 0 {
         return bad("http.max_connections", "must be at least 1".into());
     }
@@ -156,10 +168,19 @@ pub fn validate(cfg: &BalancerConfig) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// The wake-up coalescing `cfg` asks for.
+fn coalescing(cfg: &BalancerConfig) -> crate::wake::Coalescing {
+    crate::wake::Coalescing {
+        nap: cfg.coalesce_wakeups.get(),
+        min_in_flight: cfg.coalesce_min_in_flight,
+    }
+}
+
 /// A reload, prepared: applying it cannot fail.
 pub struct Prepared {
     pool: Pool,
     tls: Option<Arc<rustls::ServerConfig>>,
+    coalescing: crate::wake::Coalescing,
 }
 
 /// The running balancer role.
@@ -205,7 +226,20 @@ impl Balancer {
             shutdown,
         });
         b.register_metrics(metrics);
+        b.coalesce(coalescing(cfg));
         Ok(b)
+    }
+
+    /// Puts `policy` in force for the process, applied to the requests in flight at the
+    /// backends of the pool in force each time the runtime is about to park.
+    fn coalesce(&self, policy: crate::wake::Coalescing) {
+        let pool = Arc::downgrade(&self.pool);
+        crate::wake::install(policy, move || {
+            pool.upgrade().map_or(0, |p| {
+                let pool = p.load();
+                pool.backends.iter().map(|b| b.load() as usize).sum()
+            })
+        });
     }
 
     fn register_metrics(&self, m: &Metrics) {
@@ -239,6 +273,11 @@ impl Balancer {
             "balancer_local_responses",
             "Errors the balancer answered itself (502, 503, 504)",
             self.local.clone(),
+        );
+        m.register(
+            "balancer_wake_naps",
+            "Naps taken before waiting for I/O (coalesce_wakeups)",
+            crate::wake::naps(),
         );
         m.register(
             "balancer_retry_budget_exhausted",
@@ -288,7 +327,11 @@ impl Balancer {
         };
         let mut pool = Pool::build(cfg, Some(&self.pool.load()), &self.families);
         pool.access_log = access_log;
-        Ok(Prepared { pool, tls })
+        Ok(Prepared {
+            pool,
+            tls,
+            coalescing: coalescing(cfg),
+        })
     }
 
     /// Installs a prepared reload. In-flight requests finish on the pool they started with;
@@ -310,6 +353,7 @@ impl Balancer {
         if let (Some(cfg), Some(slot)) = (prepared.tls, &self.tls) {
             slot.store(cfg);
         }
+        self.coalesce(prepared.coalescing);
     }
 
     /// The service for one client connection from `peer` over `proto` (`http`/`https`).

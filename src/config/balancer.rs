@@ -43,6 +43,15 @@ pub struct BalancerConfig {
     /// per request; the price is that requests of one batch wait for each other's
     /// responses, in order (never for a response already under way when they arrived).
     pub pipeline: usize,
+    /// Wake-up coalescing: when this process runs out of work while at least
+    /// `coalesce_min_in_flight` requests are out at backends, it sleeps this long before
+    /// waiting for I/O, then handles together everything that arrived. Fewer wake-ups cut
+    /// CPU per request (here and at the peers) at the price of up to this much latency per
+    /// wake-up under such load. `"0s"` (the default) is off; at most 1ms. See
+    /// [`crate::wake`].
+    pub coalesce_wakeups: Dur,
+    /// Fewest requests in flight (all backends) at which `coalesce_wakeups` applies.
+    pub coalesce_min_in_flight: usize,
     /// Active and passive health checking.
     pub health: HealthConfig,
     /// Retrying failed attempts on another backend.
@@ -66,6 +75,8 @@ impl Default for BalancerConfig {
             pool_idle_timeout: Dur::secs(4),
             pool_max_idle: 256,
             pipeline: 1,
+            coalesce_wakeups: Dur::millis(0),
+            coalesce_min_in_flight: 16,
             health: HealthConfig::default(),
             retry: RetryConfig::default(),
             http: HttpLimits::default(),
