@@ -10,7 +10,7 @@
 //! requests are out at backends, its thread sleeps `nap` first (nothing can wake it), then
 //! collects in one turn everything that arrived meanwhile. Under the benchmark's load
 //! (`../shared/bench/compare.sh proxy`) that cut the balancer's CPU per request by about a
-//! third, and the backend's with it (BENCHMARKS.md, "Wake-up coalescing").
+//! third, and the backend's with it (BENCHMARKS.md, "Stage 3: wake-up coalescing").
 //!
 //! The price is up to `nap` more latency per wake-up, paid only when `min_in_flight`
 //! requests are outstanding, i.e. when responses already wait behind each other; with
@@ -68,10 +68,14 @@ pub fn install(policy: Coalescing, in_flight: impl Fn() -> usize + Send + Sync +
     INSTALLED.store(installed);
 }
 
-/// Naps taken so far, for the metrics.
+/// Naps taken so far, for the metrics (a handle on the one process-wide counter).
 pub fn naps() -> Counter {
+    nap_counter().clone()
+}
+
+fn nap_counter() -> &'static Counter {
     static NAPS: OnceLock<Counter> = OnceLock::new();
-    NAPS.get_or_init(Counter::default).clone()
+    NAPS.get_or_init(Counter::default)
 }
 
 /// The runtime's `on_thread_park` hook: naps when the policy in force says so. The sleep
@@ -85,7 +89,7 @@ pub fn before_park() {
     };
     if let Some(nap) = installed.policy.nap_before_park((installed.in_flight)()) {
         precise_sleeps();
-        naps().inc();
+        nap_counter().inc();
         std::thread::sleep(nap);
     }
 }
