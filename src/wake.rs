@@ -41,10 +41,10 @@ pub struct Coalescing {
 }
 
 impl Coalescing {
-    /// The nap to take before parking with `in_flight` requests outstanding; `None`: park
-    /// at once.
+    /// The nap to take before parking with `in_flight` requests outstanding (never more
+    /// than [`MAX_NAP`]); `None`: park at once.
     pub fn nap_before_park(&self, in_flight: usize) -> Option<Duration> {
-        (!self.nap.is_zero() && in_flight >= self.min_in_flight).then_some(self.nap)
+        (!self.nap.is_zero() && in_flight >= self.min_in_flight).then_some(self.nap.min(MAX_NAP))
     }
 }
 
@@ -123,5 +123,10 @@ mod tests {
             ..on
         };
         assert_eq!(off.nap_before_park(1000), None);
+        let long = Coalescing {
+            nap: Duration::from_secs(1),
+            ..on
+        };
+        assert_eq!(long.nap_before_park(16), Some(MAX_NAP));
     }
 }
