@@ -223,7 +223,9 @@ async fn record_puts_answer_alike_on_the_fast_and_general_paths() {
         "hyper served the second connection"
     );
 
-    let c = common::client();
+    // This node closes idle keep-alive connections after 1 s, about what the raw
+    // exchanges below take.
+    let c = common::unpooled_client();
     let url = node.url();
     let get = |path: &str| c.get(format!("{url}/api/v1/{path}")).send();
     for coll in ["fast", "general"] {

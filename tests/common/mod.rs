@@ -250,6 +250,19 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// A client that opens a fresh connection per request, for nodes with a short keep-alive
+/// limit (`header_read_timeout`): a pooled connection left idle about that long can be
+/// reused just as the node closes it, and the request is reset (a race of the test, not a
+/// bug of either side).
+pub fn unpooled_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
 /// Sends raw bytes on a fresh connection and returns whatever the server answered before
 /// closing (or before `wait` passed).
 pub fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
