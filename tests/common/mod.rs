@@ -243,11 +243,7 @@ impl Drop for Node {
 
 /// A reqwest client with short timeouts and no proxy.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client")
+    client_builder().build().expect("client")
 }
 
 /// A client that opens a fresh connection per request, for nodes with a short keep-alive
@@ -255,12 +251,16 @@ pub fn client() -> reqwest::Client {
 /// reused just as the node closes it, and the request is reset (a race of the test, not a
 /// bug of either side).
 pub fn unpooled_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
+    client_builder()
         .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(20))
         .build()
         .expect("client")
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
 }
 
 /// Sends raw bytes on a fresh connection and returns whatever the server answered before
