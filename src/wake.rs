@@ -68,12 +68,8 @@ pub fn install(policy: Coalescing, in_flight: impl Fn() -> usize + Send + Sync +
     INSTALLED.store(installed);
 }
 
-/// Naps taken so far, for the metrics (a handle on the one process-wide counter).
-pub fn naps() -> Counter {
-    nap_counter().clone()
-}
-
-fn nap_counter() -> &'static Counter {
+/// Naps taken so far: one process-wide counter (a clone registers it with the metrics).
+pub fn naps() -> &'static Counter {
     static NAPS: OnceLock<Counter> = OnceLock::new();
     NAPS.get_or_init(Counter::default)
 }
@@ -89,7 +85,7 @@ pub fn before_park() {
     };
     if let Some(nap) = installed.policy.nap_before_park((installed.in_flight)()) {
         precise_sleeps();
-        nap_counter().inc();
+        naps().inc();
         std::thread::sleep(nap);
     }
 }

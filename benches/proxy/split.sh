@@ -13,7 +13,7 @@
 # A further ~NAP sets `coalesce_wakeups` (wake-up coalescing, default "0s": off), e.g.
 # target/release/strata@32~200us.
 # With ROUNDS > 1 it ends with each server's mean and standard deviation over the rounds.
-# usage: benches/proxy/split.sh [STRATA_BINARY[@N]...]   (needs nginx, haproxy, wrk; ROUNDS=2, SECS=8)
+# usage: benches/proxy/split.sh [STRATA_BINARY[@N][~NAP]...]   (needs nginx, haproxy, wrk; ROUNDS=2, SECS=8)
 set -u
 [[ $# -gt 0 ]] || set -- "$PWD/target/release/strata"
 dir=$(mktemp -d /tmp/strata-split.XXXXXX)

@@ -277,7 +277,7 @@ impl Balancer {
         m.register(
             "balancer_wake_naps",
             "Naps taken before waiting for I/O (coalesce_wakeups)",
-            crate::wake::naps(),
+            crate::wake::naps().clone(),
         );
         m.register(
             "balancer_retry_budget_exhausted",
