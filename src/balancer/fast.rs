@@ -225,6 +225,7 @@ impl Balancer {
             let backend = &pool.backends[i];
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             backend.metrics.requests.inc();
+            crate::wake::sent_upstream();
             let outcome = if pipelined {
                 send_pipelined(backend, up, pool.pipeline, bufs, &head, client, timer).await
             } else {

@@ -479,6 +479,7 @@ impl Balancer {
             let backend = &pool.backends[i];
             backend.in_flight.fetch_add(1, Ordering::Relaxed);
             backend.metrics.requests.inc();
+            crate::wake::sent_upstream();
             let sent_at = Instant::now();
             match backend.conns.send(req, &pool.upstream).await {
                 Ok((resp, sender)) => {

@@ -43,9 +43,9 @@ pub struct BalancerConfig {
     /// per request; the price is that requests of one batch wait for each other's
     /// responses, in order (never for a response already under way when they arrived).
     pub pipeline: usize,
-    /// Wake-up coalescing: when this process runs out of work while at least
-    /// `coalesce_min_in_flight` requests are out at backends, it sleeps this long before
-    /// waiting for I/O, then handles together everything that arrived. Fewer wake-ups cut
+    /// Wake-up coalescing: when this process runs out of work after sending requests to
+    /// backends, while at least `coalesce_min_in_flight` requests are out there, it sleeps
+    /// this long before waiting for I/O, then handles together everything that arrived. Fewer wake-ups cut
     /// CPU per request (here and at the peers) at the price of up to this much latency per
     /// wake-up under such load. `"0s"` (the default) is off; at most 1ms. See
     /// [`crate::wake`].
