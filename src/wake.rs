@@ -18,7 +18,7 @@
 //! collects meanwhile. After a turn that only relayed responses, more responses of earlier
 //! batches are likely on their way while the backend works on the rest; relayed as they
 //! come, the clients have them while the backend is still busy (BENCHMARKS.md, "the p99
-//! tail": 6 % lower p99 and 4–9 % more req/s at 64 clients than napping after every turn).
+//! tail": at 64 clients 5 % lower p99 and 5 % more req/s than napping after every turn).
 //!
 //! The price is up to `nap` more latency per wake-up, paid only when `min_in_flight`
 //! requests are outstanding, i.e. when responses already wait behind each other; with

@@ -45,10 +45,10 @@ pub struct BalancerConfig {
     pub pipeline: usize,
     /// Wake-up coalescing: when this process runs out of work after sending requests to
     /// backends, while at least `coalesce_min_in_flight` requests are out there, it sleeps
-    /// this long before waiting for I/O, then handles together everything that arrived. Fewer wake-ups cut
-    /// CPU per request (here and at the peers) at the price of up to this much latency per
-    /// wake-up under such load. `"0s"` (the default) is off; at most 1ms. See
-    /// [`crate::wake`].
+    /// this long before waiting for I/O, then handles together everything that arrived.
+    /// Fewer wake-ups cut CPU per request (here and at the peers) at the price of up to
+    /// this much latency per wake-up under such load. `"0s"` (the default) is off; at most
+    /// 1ms. See [`crate::wake`].
     pub coalesce_wakeups: Dur,
     /// Fewest requests in flight (all backends) at which `coalesce_wakeups` applies.
     pub coalesce_min_in_flight: usize,
