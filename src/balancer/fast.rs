@@ -223,9 +223,7 @@ impl Balancer {
                 break;
             };
             let backend = &pool.backends[i];
-            backend.in_flight.fetch_add(1, Ordering::Relaxed);
-            backend.metrics.requests.inc();
-            crate::wake::sent_upstream();
+            backend.dispatch();
             let outcome = if pipelined {
                 send_pipelined(backend, up, pool.pipeline, bufs, &head, client, timer).await
             } else {

@@ -477,9 +477,7 @@ impl Balancer {
                 break;
             };
             let backend = &pool.backends[i];
-            backend.in_flight.fetch_add(1, Ordering::Relaxed);
-            backend.metrics.requests.inc();
-            crate::wake::sent_upstream();
+            backend.dispatch();
             let sent_at = Instant::now();
             match backend.conns.send(req, &pool.upstream).await {
                 Ok((resp, sender)) => {

@@ -119,6 +119,16 @@ impl Backend {
     pub fn load(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
+
+    /// Counts a request about to be sent to this backend: in flight until the caller
+    /// decrements `in_flight` when the exchange ends, in the request metric, and as work
+    /// this thread's turn sent upstream, which wake-up coalescing naps after
+    /// ([`crate::wake::sent_upstream`]).
+    pub fn dispatch(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests.inc();
+        crate::wake::sent_upstream();
+    }
 }
 
 /// The hash key, parsed once per config.
