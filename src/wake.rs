@@ -50,11 +50,16 @@ pub struct Coalescing {
 }
 
 impl Coalescing {
-    /// The nap to take before parking with `in_flight` requests outstanding, after a
-    /// turn that did (`sent`) or did not send requests upstream (never more than
-    /// [`MAX_NAP`]); `None`: park at once.
-    pub fn nap_before_park(&self, in_flight: usize, sent: bool) -> Option<Duration> {
-        (sent && !self.nap.is_zero() && in_flight >= self.min_in_flight)
+    /// The nap to take before parking after a turn that did (`sent`) or did not send
+    /// requests upstream, with `in_flight()` requests outstanding (never more than
+    /// [`MAX_NAP`]); `None`: park at once. `in_flight` is called only when the rest
+    /// allows a nap: the runtime parks often, and most parks need no count.
+    pub fn nap_before_park(
+        &self,
+        sent: bool,
+        in_flight: impl FnOnce() -> usize,
+    ) -> Option<Duration> {
+        (sent && !self.nap.is_zero() && in_flight() >= self.min_in_flight)
             .then_some(self.nap.min(MAX_NAP))
     }
 }
@@ -105,7 +110,7 @@ pub fn before_park() {
     };
     if let Some(nap) = installed
         .policy
-        .nap_before_park((installed.in_flight)(), sent)
+        .nap_before_park(sent, || (installed.in_flight)())
     {
         precise_sleeps();
         naps().inc();
@@ -133,26 +138,28 @@ mod tests {
             nap: Duration::from_micros(200),
             min_in_flight: 16,
         };
-        assert_eq!(on.nap_before_park(0, true), None);
-        assert_eq!(on.nap_before_park(15, true), None);
+        assert_eq!(on.nap_before_park(true, || 0), None);
+        assert_eq!(on.nap_before_park(true, || 15), None);
         assert_eq!(
-            on.nap_before_park(16, true),
+            on.nap_before_park(true, || 16),
             Some(Duration::from_micros(200))
         );
         assert_eq!(
-            on.nap_before_park(1000, true),
+            on.nap_before_park(true, || 1000),
             Some(Duration::from_micros(200))
         );
-        assert_eq!(on.nap_before_park(1000, false), None);
+        assert_eq!(on.nap_before_park(false, || 1000), None);
+        let uncounted = || -> usize { panic!("counted in flight after a turn that sent nothing") };
+        assert_eq!(on.nap_before_park(false, uncounted), None);
         let off = Coalescing {
             nap: Duration::ZERO,
             ..on
         };
-        assert_eq!(off.nap_before_park(1000, true), None);
+        assert_eq!(off.nap_before_park(true, || 1000), None);
         let long = Coalescing {
             nap: Duration::from_secs(1),
             ..on
         };
-        assert_eq!(long.nap_before_park(16, true), Some(MAX_NAP));
+        assert_eq!(long.nap_before_park(true, || 16), Some(MAX_NAP));
     }
 }
