@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::{Fault, FaultProxy};
-use common::Node;
+use common::{wait_until, Node};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -81,21 +81,6 @@ async fn get(url: &str, token: Option<u64>) -> (StatusCode, Value, String) {
 
 fn app_cache(status: &Value) -> &Value {
     &status["components"]["app"]["cache"]
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Waits until `app`'s feed has applied `lsn` (and says it is trusted).
@@ -430,22 +415,15 @@ fn rss_bytes(pid: u32) -> u64 {
 
 #[test]
 fn shipped_stage5_configs_are_valid() {
-    for file in ["primary.toml", "replica.toml", "app-a.toml", "app-b.toml"] {
-        let path = format!("{}/config/stage5/{file}", env!("CARGO_MANIFEST_DIR"));
-        let out = std::process::Command::new(common::bin())
-            .args(["check", "--config", &path])
-            .env(
-                "STRATA_CLUSTER_SECRET",
-                "an-example-secret-of-32-characters",
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    common::assert_shipped_configs_valid(
+        &[
+            "stage5/primary.toml",
+            "stage5/replica.toml",
+            "stage5/app-a.toml",
+            "stage5/app-b.toml",
+        ],
+        true,
+    );
 }
 
 /// App A follows a replica's feed; the replica loses its primary. A counts the replica's

@@ -928,18 +928,15 @@ async fn trailers_pass_and_sigterm_drains_in_flight_requests() {
 
 #[test]
 fn shipped_stage3_configs_are_valid() {
-    for name in ["balancer", "app1", "app2", "app3"] {
-        let path = format!("{}/config/stage3/{name}.toml", env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(common::bin())
-            .args(["check", "--config", &path])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    common::assert_shipped_configs_valid(
+        &[
+            "stage3/balancer.toml",
+            "stage3/app1.toml",
+            "stage3/app2.toml",
+            "stage3/app3.toml",
+        ],
+        false,
+    );
 }
 
 #[test]

@@ -65,16 +65,7 @@ fn check_reports_file_line_column_and_suggestion() {
 
 #[test]
 fn shipped_stage1_config_is_valid() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/stage1.toml");
-    let out = Command::new(common::bin())
-        .args(["check", "--config", path])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_shipped_configs_valid(&["stage1.toml"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1212,22 +1212,15 @@ async fn bench_read_throughput() {
 
 #[test]
 fn shipped_stage4_configs_are_valid() {
-    for file in ["primary.toml", "replica1.toml", "replica2.toml", "app.toml"] {
-        let path = format!("{}/config/stage4/{file}", env!("CARGO_MANIFEST_DIR"));
-        let out = std::process::Command::new(common::bin())
-            .args(["check", "--config", &path])
-            .env(
-                "STRATA_CLUSTER_SECRET",
-                "an-example-secret-of-32-characters",
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    common::assert_shipped_configs_valid(
+        &[
+            "stage4/primary.toml",
+            "stage4/replica1.toml",
+            "stage4/replica2.toml",
+            "stage4/app.toml",
+        ],
+        true,
+    );
 }
 
 /// A storage-only node (no `[app]`) protects its admin endpoints with `[node]

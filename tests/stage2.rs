@@ -8,13 +8,12 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{client, Node};
+use common::{client, wait_until, Node};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use strata::storage::protocol::{self, Message, Purpose, Request, Response, MAGIC, VERSION};
@@ -48,21 +47,6 @@ fn start_node(root: &Path, name: &str, text: &str) -> Node {
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 async fn readyz(node: &Node) -> StatusCode {
@@ -694,27 +678,13 @@ async fn tls_and_mutual_tls_end_to_end() {
 
 #[test]
 fn shipped_stage2_configs_are_valid() {
+    common::assert_shipped_configs_valid(&["stage2/storage.toml", "stage2/app.toml"], true);
+    // Without a secret they are refused with a clear reason.
     for file in ["storage.toml", "app.toml"] {
-        let path = format!("{}/config/stage2/{file}", env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(common::bin())
-            .args(["check", "--config", &path])
-            .env(
-                "STRATA_CLUSTER_SECRET",
-                "an-example-secret-of-32-characters",
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // Without a secret they are refused with a clear reason.
-        let out = Command::new(common::bin())
-            .args(["check", "--config", &path])
-            .env_remove("STRATA_CLUSTER_SECRET")
-            .output()
-            .unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/stage2")
+            .join(file);
+        let out = common::check_config(&path, None);
         assert!(!out.status.success(), "{file} accepted without a secret");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("needs a cluster secret"),

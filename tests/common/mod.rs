@@ -241,6 +241,55 @@ impl Drop for Node {
     }
 }
 
+/// The cluster secret the shipped example configs are checked with (those that join
+/// nodes over the network need one; `strata check` refuses them without).
+pub const EXAMPLE_SECRET: &str = "an-example-secret-of-32-characters";
+
+/// `strata check --config PATH`, with `secret` as the cluster secret, or none at all
+/// (the caller's environment never leaks in).
+pub fn check_config(path: &Path, secret: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["check", "--config"]).arg(path);
+    match secret {
+        Some(s) => cmd.env("STRATA_CLUSTER_SECRET", s),
+        None => cmd.env_remove("STRATA_CLUSTER_SECRET"),
+    };
+    cmd.output().expect("run strata check")
+}
+
+/// Asserts that each of `files` in the repository's `config/` folder passes `strata
+/// check` (with [`EXAMPLE_SECRET`] if `secret`): the examples the README points to must
+/// start as they are.
+pub fn assert_shipped_configs_valid(files: &[&str], secret: bool) {
+    for file in files {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(file);
+        let out = check_config(&path, secret.then_some(EXAMPLE_SECRET));
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Polls `f` every 20 ms until it is true; panics naming `what` after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 /// A reqwest client with short timeouts and no proxy.
 pub fn client() -> reqwest::Client {
     client_builder().build().expect("client")
