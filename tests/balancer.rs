@@ -1399,6 +1399,17 @@ async fn pipelined_upstream_answers_every_request_with_its_own_response() {
         seen.most_at_once.load(Ordering::SeqCst) > 1,
         "the backend never saw two requests at once: nothing was pipelined"
     );
+    // Every one of those requests left in a batch (some twice: resent after a drop), and
+    // some batches held more than one.
+    let name = |part: &str| {
+        format!("strata_balancer_backend_pipeline_batch_requests_{part}{{backend=\"{backend}\"}}")
+    };
+    let batches = lb.node.metric(&name("count")).await;
+    let batched = lb.node.metric(&name("sum")).await;
+    assert!(
+        batched >= (48 * 60) as f64 && batches < batched,
+        "{batches} batches of {batched} requests in all"
+    );
     assert!(
         seen.connections.load(Ordering::SeqCst) > 10,
         "the backend ended connections"

@@ -270,6 +270,11 @@ impl Balancer {
             f.latency.clone(),
         );
         m.register(
+            "balancer_backend_pipeline_batch_requests",
+            "Requests per pipelined batch written to a backend (pipeline > 1)",
+            f.batch_requests.clone(),
+        );
+        m.register(
             "balancer_local_responses",
             "Errors the balancer answered itself (502, 503, 504)",
             self.local.clone(),

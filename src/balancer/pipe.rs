@@ -26,6 +26,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -43,9 +44,10 @@ use crate::proxy::ProxyError;
 pub const MAX_BATCH_BYTES: usize = 32 << 10;
 
 /// The batches now collecting for one backend (normally none or one).
-#[derive(Default)]
 pub struct Pipes {
     collecting: Mutex<Vec<Arc<Pipe>>>,
+    /// Requests per batch written, for the backend's metrics.
+    batch_requests: Histogram,
 }
 
 /// One upstream connection carrying one batch of pipelined requests.
@@ -77,6 +79,14 @@ pub enum Joined<'a> {
 }
 
 impl Pipes {
+    /// No batches yet; each one written is counted in `batch_requests`.
+    pub fn new(batch_requests: Histogram) -> Self {
+        Pipes {
+            collecting: Mutex::default(),
+            batch_requests,
+        }
+    }
+
     /// Puts `request` into the batch collecting for this backend, or opens one with at most
     /// `depth` requests on a connection from `conns`. Fails only when no connection could
     /// be had (nothing was sent).
@@ -170,15 +180,19 @@ impl Flusher<'_> {
     pub async fn flush(self, deadline: Instant) -> Result<Turn, (Turn, Option<std::io::Error>)> {
         tokio::task::yield_now().await;
         let pipe = &self.turn.pipe;
-        let out = {
+        let (out, requests) = {
             let mut list = self.pipes.list();
             list.retain(|p| !Arc::ptr_eq(p, pipe));
-            std::mem::take(&mut pipe.state().out)
+            let mut state = pipe.state();
+            (std::mem::take(&mut state.out), state.waiting.len() + 1)
         };
         let written = timed_at(deadline, fastio::write_from(&pipe.conn.stream, &out)).await;
         bufs::give(out);
         match written {
-            Some(Ok(())) => Ok(self.turn),
+            Some(Ok(())) => {
+                self.pipes.batch_requests.observe(requests as f64);
+                Ok(self.turn)
+            }
             Some(Err(e)) => Err((self.turn, Some(e))),
             None => Err((self.turn, None)),
         }
@@ -348,7 +362,7 @@ mod tests {
             pool_idle_timeout: Duration::from_secs(2),
             pool_max_idle: 4,
         };
-        let pipes = Pipes::default();
+        let pipes = Pipes::new(Histogram::new([1.0].into_iter()));
         let small = [b'x'; 100];
         let first = pipes.join(&conns, &settings, 3, &small).await.unwrap();
         assert!(matches!(first, Joined::Flusher(_)));

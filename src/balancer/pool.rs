@@ -43,6 +43,9 @@ pub struct Families {
     pub ejections: Family<BackendLabel, Counter>,
     /// Time from sending the request to the response head.
     pub latency: Family<BackendLabel, Histogram>,
+    /// Requests per pipelined batch written (`[balancer] pipeline`): whether pipelining
+    /// groups enough requests to pay (batches of one or two cost more than they save).
+    pub batch_requests: Family<BackendLabel, Histogram>,
 }
 
 impl Default for Families {
@@ -50,12 +53,17 @@ impl Default for Families {
         fn histogram() -> Histogram {
             Histogram::new(exponential_buckets(0.00005, 2.0, 18))
         }
+        fn batch_histogram() -> Histogram {
+            // 1, 2, 4 … 128 requests.
+            Histogram::new(exponential_buckets(1.0, 2.0, 8))
+        }
         Families {
             requests: Family::default(),
             errors: Family::default(),
             retries: Family::default(),
             ejections: Family::default(),
             latency: Family::new_with_constructor(histogram as fn() -> Histogram),
+            batch_requests: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
         }
     }
 }
@@ -73,6 +81,8 @@ pub struct BackendMetrics {
     pub ejections: Counter,
     /// See [`Families::latency`].
     pub latency: Histogram,
+    /// See [`Families::batch_requests`].
+    pub batch_requests: Histogram,
 }
 
 /// One app server behind the balancer.
@@ -98,20 +108,22 @@ impl Backend {
         let label = BackendLabel {
             backend: address.to_string(),
         };
+        let metrics = BackendMetrics {
+            requests: families.requests.get_or_create(&label).clone(),
+            errors: families.errors.get_or_create(&label).clone(),
+            retries: families.retries.get_or_create(&label).clone(),
+            ejections: families.ejections.get_or_create(&label).clone(),
+            latency: families.latency.get_or_create(&label).clone(),
+            batch_requests: families.batch_requests.get_or_create(&label).clone(),
+        };
         Backend {
             address,
             conns: ConnPool::new(address),
-            pipes: Pipes::default(),
+            pipes: Pipes::new(metrics.batch_requests.clone()),
             in_flight: AtomicU32::new(0),
             health: BackendHealth::new(),
             seed: pick::stable_hash(label.backend.as_bytes()),
-            metrics: BackendMetrics {
-                requests: families.requests.get_or_create(&label).clone(),
-                errors: families.errors.get_or_create(&label).clone(),
-                retries: families.retries.get_or_create(&label).clone(),
-                ejections: families.ejections.get_or_create(&label).clone(),
-                latency: families.latency.get_or_create(&label).clone(),
-            },
+            metrics,
         }
     }
 
