@@ -44,7 +44,7 @@ pub struct Families {
     /// Time from sending the request to the response head.
     pub latency: Family<BackendLabel, Histogram>,
     /// Requests per pipelined batch written (`[balancer] pipeline`): whether pipelining
-    /// groups enough requests to pay (batches of one or two cost more than they save).
+    /// groups enough requests to pay (batches of two or three cost more than they save).
     pub batch_requests: Family<BackendLabel, Histogram>,
 }
 
