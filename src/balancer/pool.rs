@@ -81,8 +81,6 @@ pub struct BackendMetrics {
     pub ejections: Counter,
     /// See [`Families::latency`].
     pub latency: Histogram,
-    /// See [`Families::batch_requests`].
-    pub batch_requests: Histogram,
 }
 
 /// One app server behind the balancer.
@@ -108,22 +106,20 @@ impl Backend {
         let label = BackendLabel {
             backend: address.to_string(),
         };
-        let metrics = BackendMetrics {
-            requests: families.requests.get_or_create(&label).clone(),
-            errors: families.errors.get_or_create(&label).clone(),
-            retries: families.retries.get_or_create(&label).clone(),
-            ejections: families.ejections.get_or_create(&label).clone(),
-            latency: families.latency.get_or_create(&label).clone(),
-            batch_requests: families.batch_requests.get_or_create(&label).clone(),
-        };
         Backend {
             address,
             conns: ConnPool::new(address),
-            pipes: Pipes::new(metrics.batch_requests.clone()),
+            pipes: Pipes::new(families.batch_requests.get_or_create(&label).clone()),
             in_flight: AtomicU32::new(0),
             health: BackendHealth::new(),
             seed: pick::stable_hash(label.backend.as_bytes()),
-            metrics,
+            metrics: BackendMetrics {
+                requests: families.requests.get_or_create(&label).clone(),
+                errors: families.errors.get_or_create(&label).clone(),
+                retries: families.retries.get_or_create(&label).clone(),
+                ejections: families.ejections.get_or_create(&label).clone(),
+                latency: families.latency.get_or_create(&label).clone(),
+            },
         }
     }
 
