@@ -413,19 +413,6 @@ fn rss_bytes(pid: u32) -> u64 {
     kb * 1024
 }
 
-#[test]
-fn shipped_stage5_configs_are_valid() {
-    common::assert_shipped_configs_valid(
-        &[
-            "stage5/primary.toml",
-            "stage5/replica.toml",
-            "stage5/app-a.toml",
-            "stage5/app-b.toml",
-        ],
-        true,
-    );
-}
-
 /// App A follows a replica's feed; the replica loses its primary. A counts the replica's
 /// own lag against `max_staleness`: a write it cannot see through the replica is served
 /// from storage (the primary) within the bound, not hidden by the cache.

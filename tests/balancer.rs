@@ -927,19 +927,6 @@ async fn trailers_pass_and_sigterm_drains_in_flight_requests() {
 }
 
 #[test]
-fn shipped_stage3_configs_are_valid() {
-    common::assert_shipped_configs_valid(
-        &[
-            "stage3/balancer.toml",
-            "stage3/app1.toml",
-            "stage3/app2.toml",
-            "stage3/app3.toml",
-        ],
-        false,
-    );
-}
-
-#[test]
 fn bad_balancer_configs_are_refused_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.toml");

@@ -15,10 +15,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn manifest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Every `*.toml` under `config/`, including ones added later.
 fn shipped_configs(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -34,36 +30,39 @@ fn shipped_configs(dir: &Path, out: &mut Vec<PathBuf>) {
 #[test]
 fn every_shipped_config_passes_check() {
     let mut files = Vec::new();
-    shipped_configs(&manifest().join("config"), &mut files);
+    shipped_configs(&common::shipped_config(""), &mut files);
     assert!(
         files.len() >= 8,
         "expected the stage configs, found {files:?}"
     );
-    for f in &files {
-        let out = Command::new(common::bin())
-            .args(["check", "--config"])
-            .arg(f)
-            .current_dir(manifest())
-            .env("STRATA_CLUSTER_SECRET", "fleet-test-secret-0123456789")
-            .output()
-            .unwrap();
+    let passes = |f: &Path, secret| {
+        let out = common::check_config(f, secret);
         assert!(
             out.status.success(),
             "{}: {}",
             f.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+    };
+    for f in &files {
+        passes(f, Some(common::EXAMPLE_SECRET));
+    }
+    // The one-process and balancer examples start without a cluster secret.
+    for f in [
+        "stage1.toml",
+        "stage3/balancer.toml",
+        "stage3/app1.toml",
+        "stage3/app2.toml",
+        "stage3/app3.toml",
+    ] {
+        passes(&common::shipped_config(f), None);
     }
     // A broken copy is refused, naming file and line.
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.toml");
-    let text = std::fs::read_to_string(manifest().join("config/stage6/balancer.toml")).unwrap();
+    let text = std::fs::read_to_string(common::shipped_config("stage6/balancer.toml")).unwrap();
     std::fs::write(&bad, text.replace("algorithm", "algoritm")).unwrap();
-    let out = Command::new(common::bin())
-        .args(["check", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = common::check_config(&bad, None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:"));
 }
@@ -266,7 +265,7 @@ async fn fleet_runs_stage6_and_reloads_under_load() {
     let tmp = tempfile::tempdir().unwrap();
     // The shipped stage 6 files, copied so this test can edit them for reloads.
     let dir = tmp.path().join("stage6");
-    copy_dir(&manifest().join("config/stage6"), &dir);
+    copy_dir(&common::shipped_config("stage6"), &dir);
     // Static files for the apps (./public of the fleet's working directory).
     std::fs::create_dir_all(tmp.path().join("public/assets")).unwrap();
     std::fs::write(

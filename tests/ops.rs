@@ -63,11 +63,6 @@ fn check_reports_file_line_column_and_suggestion() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("allow_anonymous"));
 }
 
-#[test]
-fn shipped_stage1_config_is_valid() {
-    common::assert_shipped_configs_valid(&["stage1.toml"], false);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_valid_config_and_keeps_old_on_broken_file() {
     let node = Node::start_app("max_body = \"64KiB\"");

@@ -1210,19 +1210,6 @@ async fn bench_read_throughput() {
     }
 }
 
-#[test]
-fn shipped_stage4_configs_are_valid() {
-    common::assert_shipped_configs_valid(
-        &[
-            "stage4/primary.toml",
-            "stage4/replica1.toml",
-            "stage4/replica2.toml",
-            "stage4/app.toml",
-        ],
-        true,
-    );
-}
-
 /// A storage-only node (no `[app]`) protects its admin endpoints with `[node]
 /// admin_tokens`: no token or a wrong one is refused and the replica stays a replica;
 /// `strata promote --token` with the right one promotes it.
