@@ -1196,6 +1196,49 @@ async fn early_hints_are_relayed_as_they_arrive() {
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_pipelined_response_holds_up_only_requests_that_joined_right_behind_it() {
+    let seen = Arc::new(PipelineSeen::default());
+    let backend = pipelining_backend(seen.clone()).await;
+    let lb = Lb::start(
+        &[(backend, 1)],
+        "pipeline = 16\nresponse_timeout = \"5s\"\n[balancer.health]\ninterval = \"60s\"\n",
+    )
+    .await;
+    let url = lb.url("/slow/1");
+    let slow = tokio::spawn(async move {
+        let r = client().get(url).send().await.unwrap();
+        (r.status(), r.text().await.unwrap(), Instant::now())
+    });
+    // Well after the slow request became first on its connection, which has stopped
+    // moving: the next request takes another connection instead of queueing behind it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = client().get(lb.url("/p/later")).send().await.unwrap();
+    let later_answered = Instant::now();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "/p/later");
+    let (status, body, slow_answered) = slow.await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "/slow/1"));
+    assert!(
+        later_answered < slow_answered,
+        "the later request waited for the slow response"
+    );
+}
+
+/// Ends a backend's connection the way RFC 9112 §9.6 asks of servers that may have unread
+/// pipelined requests (nginx's `lingering_close`): the write side first, then reading
+/// and dropping what still comes. Closed at once with requests unread, the connection
+/// would be reset, and a reset can erase the end of a response not yet delivered.
+async fn lingering_close(mut s: tokio::net::TcpStream) {
+    let _ = s.shutdown().await;
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 /// What the pipelining test backend saw.
 #[derive(Default)]
 struct PipelineSeen {
@@ -1209,11 +1252,12 @@ struct PipelineSeen {
 }
 
 /// An HTTP/1.1 backend that answers pipelined requests in order, each with its own path
-/// as the body (`/big/...`: 200 kB; `/chunked/...`: chunked; `/hang/...`: never, and
-/// nothing after it on that connection). Like nginx's `keepalive_requests` it ends
-/// connections: an even-numbered one answers its 7th request with `Connection: close`
-/// and closes, dropping whatever was pipelined behind it; an odd-numbered one closes
-/// without a word after reading its 5th (unless that is a POST). POST bodies are read and
+/// as the body (`/big/...`: 200 kB; `/chunked/...`: chunked; `/slow/...`: after 800 ms,
+/// holding up that connection; `/hang/...`: never, and nothing after it on that
+/// connection). Like nginx's `keepalive_requests` it ends connections, with a lingering
+/// close: an even-numbered one answers its 7th request with `Connection: close` and
+/// closes, dropping whatever was pipelined behind it; an odd-numbered one closes without
+/// a word after reading its 5th (unless that is a POST). POST bodies are read and
 /// answered.
 async fn pipelining_backend(seen: Arc<PipelineSeen>) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1265,12 +1309,17 @@ async fn pipelining_backend(seen: Arc<PipelineSeen>) -> SocketAddr {
                         // may have been read, and the test's POST may land here.)
                         if id % 2 == 1 && served == 5 && method != "POST" {
                             let _ = s.write_all(&out).await;
-                            return;
+                            return lingering_close(s).await;
                         }
                         if path.starts_with("/hang/") {
                             let _ = s.write_all(&out).await;
                             tokio::time::sleep(Duration::from_secs(60)).await;
                             return;
+                        }
+                        if path.starts_with("/slow/") {
+                            let _ = s.write_all(&out).await;
+                            out.clear();
+                            tokio::time::sleep(Duration::from_millis(800)).await;
                         }
                         let last = id % 2 == 0 && served == 7;
                         let conn = if last { "connection: close\r\n" } else { "" };
@@ -1299,7 +1348,7 @@ async fn pipelining_backend(seen: Arc<PipelineSeen>) -> SocketAddr {
                         }
                         if last {
                             let _ = s.write_all(&out).await;
-                            return;
+                            return lingering_close(s).await;
                         }
                     }
                     if s.write_all(&out).await.is_err() {

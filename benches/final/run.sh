@@ -4,7 +4,7 @@
 # root after `cargo build --release`, on a quiet machine, as root (compare.sh starts nginx,
 # HAProxy, Varnish and Redis). Usage: benches/final/run.sh [SCENARIO...]
 #   scenarios: static kv1 s2 s5 edge proxy replicas   (default: all)
-# The balancer runs with `pipeline = 32` (upstream pipelining; PIPELINE=1 turns it off) and
+# The balancer runs with `pipeline = 64` (upstream pipelining; PIPELINE=1 turns it off) and
 # `coalesce_wakeups = "200us"` (wake-up coalescing; COALESCE=0s turns it off).
 set -euo pipefail
 bin=$PWD/target/release/strata
@@ -70,7 +70,7 @@ upstreams = [\"127.0.0.1:18080\"]"
 [balancer]
 listen = \"127.0.0.1:28608\"
 backends = [\"127.0.0.1:18080\"]
-pipeline = ${PIPELINE:-32}
+pipeline = ${PIPELINE:-64}
 coalesce_wakeups = \"${COALESCE:-200us}\""
       run "stage 3 balancer proxy" proxy http://127.0.0.1:28608; stop ;;
     replicas)

@@ -403,7 +403,7 @@ impl Upstream {
             Upstream::Conn(_) => {}
             Upstream::Turn(t) => {
                 let next = std::mem::replace(read, Unread::new(bufs::take()));
-                t.hand_on(next, &backend.conns, max_idle)
+                t.hand_on(next, &backend.pipes, &backend.conns, max_idle)
             }
         }
     }
@@ -468,8 +468,8 @@ async fn send(
 }
 
 /// [`send`] for a request that may share a pipelined connection ([`pipe`]): the request
-/// joins the batch collecting for `backend` (at most `depth`), and its response head is
-/// read when the ones before it have been relayed. A request whose connection broke
+/// joins the moving connection to `backend` (at most `depth` unanswered), and its response
+/// head is read when the ones before it have been relayed. A request whose connection broke
 /// before its response began was not answered and is sent again, on a new connection.
 /// The response timeout ([`HeadRead::deadline`]) runs across all of that.
 async fn send_pipelined(
@@ -499,10 +499,10 @@ async fn send_pipelined(
                 Err(_) => continue,
             },
             // No timer of its own while it waits (one per request cost ~1k instructions):
-            // every turn before it reads its head by its own deadline, which is this
-            // one's too (the batch left together), and a turn that fails breaks the
-            // pipe at once. Only a body before it that keeps flowing delays it longer.
-            pipe::Joined::Member(m) => match m.turn().await {
+            // every turn before it reads its head by its own deadline, no later than this
+            // one's (they joined earlier), and a turn that fails breaks the pipe at once.
+            // Only a body before it that keeps flowing delays it longer.
+            pipe::Joined::Member(m) => match m.turn(&backend.pipes, deadline).await {
                 Ok((turn, read)) => {
                     bufs::give(std::mem::replace(&mut bufs.up_resp, read).into_buf());
                     turn
@@ -514,7 +514,12 @@ async fn send_pipelined(
             },
         };
         match read_head(turn.stream(), bufs, head, client, timer).await {
-            Ok(resp) => return Ok((Upstream::Turn(turn), resp)),
+            Ok(resp) => {
+                if resp.upstream_close {
+                    turn.last_on_connection();
+                }
+                return Ok((Upstream::Turn(turn), resp));
+            }
             // The connection ended before any of this response: it was not answered.
             Err(Failed::Sent(e))
                 if bufs.up_resp.is_empty() && e.kind != FailureKind::ResponseTimeout =>

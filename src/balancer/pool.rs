@@ -89,7 +89,7 @@ pub struct Backend {
     pub address: SocketAddr,
     /// Its keep-alive connections.
     pub conns: ConnPool,
-    /// Its pipelined batches collecting now (`[balancer] pipeline`).
+    /// Its pipelined connections in use (`[balancer] pipeline`).
     pub pipes: Pipes,
     /// Requests sent to it and not finished (response body included).
     pub in_flight: AtomicU32,

@@ -37,11 +37,12 @@ pub struct BalancerConfig {
     pub pool_idle_timeout: Dur,
     /// Most idle pooled connections kept per backend.
     pub pool_max_idle: usize,
-    /// Most GET and HEAD requests (plain HTTP/1.1 clients, no body) that arrive together
-    /// and travel to a backend as one HTTP/1.1 pipeline on one connection. 1 (the default)
-    /// sends one request per connection at a time. Batching cuts the proxy's system calls
-    /// per request; the price is that requests of one batch wait for each other's
-    /// responses, in order (never for a response already under way when they arrived).
+    /// Most GET and HEAD requests (plain HTTP/1.1 clients, no body) pipelined on one
+    /// connection to a backend and not yet answered. 1 (the default) sends one request per
+    /// connection at a time. Requests that arrive together go in one write, and later ones
+    /// join the same connection while it keeps answering, so the backend serves them first
+    /// come, first served; the price is that a request waits for the responses ahead of it
+    /// on its connection (for at most ~1 ms of arrivals behind a slow one).
     pub pipeline: usize,
     /// Wake-up coalescing: when this process runs out of work after sending requests to
     /// backends, while at least `coalesce_min_in_flight` requests are out there, it sleeps
