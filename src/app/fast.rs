@@ -347,6 +347,8 @@ impl App {
         let mut waits = fastio::Waits::new(&shutdown);
         loop {
             if *shutdown.borrow() {
+                // Requests may be pipelined behind the last one answered.
+                fastio::close_gracefully(client).await;
                 return None;
             }
             // The request (a PUT's body too) must be complete by the deadline; an idle
@@ -383,7 +385,11 @@ impl App {
                 let read = tokio::select! {
                     biased;
                     r = timed_at(deadline, fastio::read_into(&client, &mut input)) => r,
-                    _ = waits.stopping(), if !in_flight => return None,
+                    _ = waits.stopping(), if !in_flight => {
+                        // A request was on its way: its sender reads the end, not a reset.
+                        fastio::close_gracefully(client).await;
+                        return None;
+                    }
                 };
                 match read {
                     Some(Ok(n)) if n > 0 => {}
@@ -399,7 +405,11 @@ impl App {
                     Some(Ok(()))
                 );
             bufs::give(out);
-            if !sent || head.close {
+            if !sent {
+                return None;
+            }
+            if head.close {
+                fastio::close_gracefully(client).await;
                 return None;
             }
             input.drain(..head.body.end);

@@ -67,6 +67,10 @@ impl Balancer {
             match Box::pin(self.serve_busy(&mut conn, &shutdown, head)).await {
                 Busy::Quiet(idle_until) => deadline = idle_until,
                 Busy::Done => return None,
+                Busy::Close => {
+                    fastio::close_gracefully(conn.client).await;
+                    return None;
+                }
                 Busy::Handoff => {
                     return Some(Handoff {
                         stream: conn.client,
@@ -88,7 +92,7 @@ impl Balancer {
         } = conn;
         loop {
             if *shutdown.borrow() {
-                return Busy::Done;
+                return Busy::Close;
             }
             // Buffers are taken per request and given back while the connection waits, so
             // a waiting connection holds none.
@@ -132,7 +136,7 @@ impl Balancer {
                         tokio::select! {
                             biased;
                             r = tokio::time::timeout_at(deadline, read) => r.ok(),
-                            _ = waits.stopping() => return Busy::Done,
+                            _ = waits.stopping() => return Busy::Close,
                         }
                     }
                 };
@@ -146,8 +150,11 @@ impl Balancer {
                 .exchange(&pool, client, input, &info, fwd, &mut bufs, timer)
                 .await;
             bufs.give_back();
-            if !keep || info.close {
+            if !keep {
                 return Busy::Done;
+            }
+            if info.close {
+                return Busy::Close;
             }
             input.drain(..info.head_len + info.body_len);
             if input.is_empty() {
@@ -349,6 +356,9 @@ enum Busy {
     Quiet(Instant),
     /// The connection is done.
     Done,
+    /// This side ends the connection while the client may still be sending (requests
+    /// pipelined behind the last one answered): close it gracefully.
+    Close,
     /// Hand the connection, with `Conn::input`, to the general path.
     Handoff,
 }

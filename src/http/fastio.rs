@@ -123,6 +123,31 @@ pub async fn write_parts_from(stream: &TcpStream, parts: &mut [IoSlice<'_>]) -> 
     Ok(())
 }
 
+/// Longest a connection closed by [`close_gracefully`] waits for its peer to close.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Ends a connection that this side chose to close while the peer may still be sending
+/// (requests pipelined behind the last one answered), the way RFC 9112 §9.6 asks: the
+/// write side first, so the peer reads everything sent and then the end; then whatever
+/// still arrives is read and dropped until the peer closes too, for at most [`LINGER`].
+/// Closed at once with bytes unread, the kernel would reset the connection instead, and
+/// a reset throws away the part of the last response it had not sent yet: a pipelining
+/// peer (the balancer with `pipeline` on) would see that response cut short.
+pub async fn close_gracefully(stream: TcpStream) {
+    if net::shutdown(&stream, net::Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut sink = bufs::take();
+    while let Some(Ok(n)) = timed_at(deadline, read_into(&stream, &mut sink)).await {
+        if n == 0 {
+            break;
+        }
+        sink.clear();
+    }
+    bufs::give(sink);
+}
+
 /// Runs `fut` with a time limit, touching the timer only when it does not finish at once.
 pub async fn timed<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
@@ -303,6 +328,38 @@ pub mod bufs {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_graceful_close_delivers_everything_sent_despite_unread_requests() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // Requests the server will never read, then as much answer as the kernel takes
+        // without the client reading: some of it is still in the server's send queue.
+        client.write_all(&[b'r'; 10_000]).await.unwrap();
+        let chunk = [b'a'; 65_536];
+        let mut sent = 0;
+        loop {
+            match server.try_write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let closing = tokio::spawn(close_gracefully(server));
+        let mut got = Vec::new();
+        let read = client.read_to_end(&mut got).await;
+        assert!(read.is_ok(), "the connection was reset: {read:?}");
+        assert_eq!(got.len(), sent, "every byte sent arrived, then the end");
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(1), closing)
+            .await
+            .expect("the close ends when the peer closes")
+            .unwrap();
+    }
 
     #[tokio::test]
     async fn a_read_that_drains_the_socket_clears_its_readiness() {
