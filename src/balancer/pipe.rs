@@ -22,8 +22,8 @@
 //! connections are interleaved, and the last requests of the oldest batch wait for the
 //! newest batches' first ones. Under load that reordering widened the latency
 //! distribution: one moving connection per backend kept it first come, first served (p90
-//! 8 % and p99 7 % lower at 64 clients, BENCHMARKS.md, "Stage 3: one pipeline, first
-//! come first served"). The price: a request can wait behind a response that was already
+//! and p99 7 % lower at 64 clients, BENCHMARKS.md, "Stage 3: one pipeline per backend,
+//! first come first served"). The price: a request can wait behind a response that was already
 //! on its way when it arrived. [`STALLED_AFTER`] bounds that: a slow response holds up
 //! only the requests that joined within that long of it becoming first; the next ones
 //! open another connection.
@@ -355,8 +355,9 @@ impl Turn {
     /// True when a connection that ended says nothing about the backend: it came from the
     /// pool (the backend may close idle connections at any time), or it answered others
     /// first or said it would close (a backend may end connections after so many
-    /// requests, like nginx's `keepalive_requests`). Resending its unanswered requests makes progress either way:
-    /// the pool only shrinks, and each such round answered someone.
+    /// requests, like nginx's `keepalive_requests`). Resending its unanswered requests
+    /// makes progress either way: the pool only shrinks, and each such round answered
+    /// someone.
     pub fn ended_benignly(&self) -> bool {
         self.pipe.ended_benignly()
     }
@@ -374,19 +375,29 @@ impl Turn {
     /// back to `conns` (with no stray bytes only).
     pub fn hand_on(mut self, read: Unread, pipes: &Pipes, conns: &ConnPool, max_idle: usize) {
         self.handed_on = true;
-        // The list's lock first, as in `join`: with nothing left unanswered, the
-        // connection leaves the list before another request can join it.
-        let mut list = pipes.list();
-        let next = {
+        let mut next = {
             let mut state = self.pipe.state();
             if state.broken {
                 return bufs::give(read.into_buf());
             }
             state.answer(Instant::now())
         };
+        if next.is_none() {
+            // Nothing is waiting: the connection leaves the list, unless a request joined
+            // meanwhile. The list's lock first, as in `join`, so none joins after this look.
+            let mut list = pipes.list();
+            let mut state = self.pipe.state();
+            if state.broken {
+                return bufs::give(read.into_buf());
+            }
+            next = state.waiting.pop_front();
+            if next.is_none() {
+                drop(state);
+                list.retain(|p| !Arc::ptr_eq(p, &self.pipe));
+            }
+        }
         match next {
             Some(tx) => {
-                drop(list);
                 if let Err(read) = tx.send(read) {
                     // That request gave up waiting; its response would be read by nobody.
                     bufs::give(read.into_buf());
@@ -394,8 +405,6 @@ impl Turn {
                 }
             }
             None => {
-                list.retain(|p| !Arc::ptr_eq(p, &self.pipe));
-                drop(list);
                 let stray = !read.is_empty();
                 bufs::give(read.into_buf());
                 let pipe = self.pipe.clone();
