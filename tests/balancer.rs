@@ -1225,6 +1225,41 @@ async fn a_slow_pipelined_response_holds_up_only_requests_that_joined_right_behi
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_behind_a_connection_close_answer_go_elsewhere() {
+    let seen = Arc::new(PipelineSeen::default());
+    let backend = pipelining_backend(seen.clone()).await;
+    let lb = Lb::start(
+        &[(backend, 1)],
+        "pipeline = 16\nresponse_timeout = \"5s\"\n[balancer.health]\ninterval = \"60s\"\nconsecutive_failures = 0\n",
+    )
+    .await;
+    // Every answer ends its connection, so requests pipelined behind one are never
+    // answered there: each goes to a fresh connection, as many times as it takes, and
+    // none of that counts as the backend failing.
+    let tasks: Vec<_> = (0..16)
+        .map(|c| {
+            let url = lb.url("");
+            tokio::spawn(async move {
+                let http = client();
+                for i in 0..8 {
+                    let path = format!("/close/{c}/{i}");
+                    let r = http.get(format!("{url}{path}")).send().await.unwrap();
+                    assert_eq!(r.status(), 200, "{path}");
+                    assert_eq!(r.text().await.unwrap(), path);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        seen.most_at_once.load(Ordering::SeqCst) > 1,
+        "nothing was pipelined"
+    );
+}
+
 /// Ends a backend's connection the way RFC 9112 §9.6 asks of servers that may have unread
 /// pipelined requests (nginx's `lingering_close`): the write side first, then reading
 /// and dropping what still comes. Closed at once with requests unread, the connection
@@ -1253,8 +1288,8 @@ struct PipelineSeen {
 
 /// An HTTP/1.1 backend that answers pipelined requests in order, each with its own path
 /// as the body (`/big/...`: 200 kB; `/chunked/...`: chunked; `/slow/...`: after 800 ms,
-/// holding up that connection; `/hang/...`: never, and nothing after it on that
-/// connection). Like nginx's `keepalive_requests` it ends connections, with a lingering
+/// holding up that connection; `/close/...`: with `Connection: close`, then it closes;
+/// `/hang/...`: never, and nothing after it on that connection). Like nginx's `keepalive_requests` it ends connections, with a lingering
 /// close: an even-numbered one answers its 7th request with `Connection: close` and
 /// closes, dropping whatever was pipelined behind it; an odd-numbered one closes without
 /// a word after reading its 5th (unless that is a POST). POST bodies are read and
@@ -1321,7 +1356,7 @@ async fn pipelining_backend(seen: Arc<PipelineSeen>) -> SocketAddr {
                             out.clear();
                             tokio::time::sleep(Duration::from_millis(800)).await;
                         }
-                        let last = id % 2 == 0 && served == 7;
+                        let last = (id % 2 == 0 && served == 7) || path.starts_with("/close/");
                         let conn = if last { "connection: close\r\n" } else { "" };
                         let body = if path.starts_with("/big/") {
                             path.as_bytes().repeat(200_000 / path.len())
