@@ -329,14 +329,20 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
+    /// Both ends of a fresh loopback connection: the one that connected, the one accepted.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
     #[tokio::test]
     async fn a_graceful_close_delivers_everything_sent_despite_unread_requests() {
         use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+        let (mut client, server) = connected().await;
         // Requests the server will never read, then as much answer as the kernel takes
         // without the client reading: some of it is still in the server's send queue.
         client.write_all(&[b'r'; 10_000]).await.unwrap();
@@ -365,11 +371,7 @@ mod tests {
     async fn a_read_that_drains_the_socket_clears_its_readiness() {
         use std::task::{Context, Waker};
         use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut writer = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (reader, _) = listener.accept().await.unwrap();
+        let (mut writer, reader) = connected().await;
         let mut cx = Context::from_waker(Waker::noop());
 
         writer.write_all(b"0123456789").await.unwrap();
@@ -406,11 +408,7 @@ mod tests {
     #[tokio::test]
     async fn writes_wait_out_a_full_send_buffer() {
         use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let writer = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut reader, _) = listener.accept().await.unwrap();
+        let (writer, mut reader) = connected().await;
         // Far more than the socket buffers hold: the write must wait for the reader.
         let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
         let reading = tokio::spawn(async move {
