@@ -1198,13 +1198,7 @@ async fn early_hints_are_relayed_as_they_arrive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_pipelined_response_holds_up_only_requests_that_joined_right_behind_it() {
-    let seen = Arc::new(PipelineSeen::default());
-    let backend = pipelining_backend(seen.clone()).await;
-    let lb = Lb::start(
-        &[(backend, 1)],
-        "pipeline = 16\nresponse_timeout = \"5s\"\n[balancer.health]\ninterval = \"60s\"\n",
-    )
-    .await;
+    let (_, _, lb) = pipelining_lb("5s").await;
     let url = lb.url("/slow/1");
     let slow = tokio::spawn(async move {
         let r = client().get(url).send().await.unwrap();
@@ -1227,13 +1221,7 @@ async fn a_slow_pipelined_response_holds_up_only_requests_that_joined_right_behi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_behind_a_connection_close_answer_go_elsewhere() {
-    let seen = Arc::new(PipelineSeen::default());
-    let backend = pipelining_backend(seen.clone()).await;
-    let lb = Lb::start(
-        &[(backend, 1)],
-        "pipeline = 16\nresponse_timeout = \"5s\"\n[balancer.health]\ninterval = \"60s\"\nconsecutive_failures = 0\n",
-    )
-    .await;
+    let (seen, _, lb) = pipelining_lb("5s").await;
     // Every answer ends its connection, so requests pipelined behind one are never
     // answered there: each goes to a fresh connection, as many times as it takes, and
     // none of that counts as the backend failing.
@@ -1272,6 +1260,19 @@ async fn lingering_close(mut s: tokio::net::TcpStream) {
             break;
         }
     }
+}
+
+/// A balancer with `pipeline = 16` and this response timeout in front of one
+/// [`pipelining_backend`] (no passive ejection, health probes rare): what the backend saw,
+/// its address, and the balancer.
+async fn pipelining_lb(response_timeout: &str) -> (Arc<PipelineSeen>, SocketAddr, Lb) {
+    let seen = Arc::new(PipelineSeen::default());
+    let backend = pipelining_backend(seen.clone()).await;
+    let settings = format!(
+        "pipeline = 16\nresponse_timeout = \"{response_timeout}\"\n[balancer.health]\ninterval = \"60s\"\nconsecutive_failures = 0\n"
+    );
+    let lb = Lb::start(&[(backend, 1)], &settings).await;
+    (seen, backend, lb)
 }
 
 /// What the pipelining test backend saw.
@@ -1398,13 +1399,7 @@ async fn pipelining_backend(seen: Arc<PipelineSeen>) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_upstream_answers_every_request_with_its_own_response() {
-    let seen = Arc::new(PipelineSeen::default());
-    let backend = pipelining_backend(seen.clone()).await;
-    let lb = Lb::start(
-        &[(backend, 1)],
-        "pipeline = 16\nresponse_timeout = \"1s\"\n[balancer.health]\ninterval = \"60s\"\nconsecutive_failures = 0\n",
-    )
-    .await;
+    let (seen, backend, lb) = pipelining_lb("1s").await;
     // 48 clients, each with its own keep-alive connection, 60 requests each; every answer
     // must be the one for its own request, though the backend ends a connection every
     // 5 to 7 requests, half the time dropping pipelined requests without a word.
